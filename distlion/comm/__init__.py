@@ -1,0 +1,8 @@
+"""Communication: the sign exchanges and their byte counters."""
+
+from distlion.comm.exchange import (AllGatherExchange, LocalExchange, SignExchange, TwoPhaseExchange,
+                                    choose_exchange, make_exchange)
+from distlion.comm.stats import CommStats
+
+__all__ = ["AllGatherExchange", "CommStats", "LocalExchange", "SignExchange", "TwoPhaseExchange",
+           "choose_exchange", "make_exchange"]

@@ -1,0 +1,156 @@
+"""Sign exchanges: move packed sign bits between ranks and return the voted bits.
+
+Every exchange has one method, ``run``: it takes this rank's packed bits of one bucket
+and a one-byte non-finite flag, calls ``vote`` on the packed bits it gathered (the vote
+itself is a kernel, passed in, so this module only moves bytes), and returns the voted
+bit-planes of the whole bucket plus the flag OR-ed over all ranks. The flag rides in
+the same collective as the signs, so agreeing on a skip costs no extra round trip.
+
+- ``TwoPhaseExchange``: all_to_all of the packed signs, each rank votes on its 1/N
+  chunk, all_gather of the voted chunks. ~2(N-1)/N bytes per 8 coordinates, flat in N.
+- ``AllGatherExchange``: all_gather of every rank's packed signs, every rank votes on
+  the whole bucket. (N-1) bytes per 8 coordinates; one collective, best for N <= 2.
+- ``LocalExchange``: world size 1, no collective.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from distlion.comm.stats import CommStats
+
+# Bytes appended to each message for the non-finite flag: 8 keep int64 alignment.
+FLAG_BYTES = 8
+
+VoteFn = Callable[[Tensor, Tensor], None]  # (packed [N, C], out planes [P, C]) -> None
+
+
+class SignExchange(Protocol):
+    stats: CommStats
+
+    def run(self, bucket: int, local_bits: Tensor, nonfinite: Tensor, vote: VoteFn) -> tuple[Tensor, Tensor]:
+        """Return (voted planes [P, nbytes], non-finite flag of any rank as a 0-dim bool)."""
+        ...
+
+
+def _transport_device(group, device: torch.device) -> torch.device:
+    """Return where collective buffers live: gloo moves CPU tensors, so CUDA data is staged."""
+    if device.type == "cuda" and dist.get_backend(group) == dist.Backend.GLOO:
+        return torch.device("cpu")
+    return device
+
+
+class LocalExchange:
+    """World size 1: the vote of one rank, no collective, no bytes."""
+
+    def __init__(self, bucket_bytes: list[int], planes: int, device: torch.device, stats: CommStats):
+        self.stats = stats
+        self._voted = [torch.empty(planes, n, dtype=torch.uint8, device=device) for n in bucket_bytes]
+
+    def run(self, bucket, local_bits, nonfinite, vote):
+        vote(local_bits.view(1, -1), self._voted[bucket])
+        return self._voted[bucket], nonfinite
+
+
+class _Collective:
+    """Shared plumbing: the process group, buffers allocated once, byte counting."""
+
+    def __init__(self, group, bucket_bytes: list[int], planes: int, device: torch.device, stats: CommStats):
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.planes = planes
+        self.device = device
+        self.transport = _transport_device(group, device)
+        self.stats = stats
+        self._voted = [torch.empty(planes, n, dtype=torch.uint8, device=device) for n in bucket_bytes]
+
+    def _count(self, sent: int, received: int) -> None:
+        self.stats.bytes_sent += sent
+        self.stats.bytes_received += received
+
+
+class TwoPhaseExchange(_Collective):
+    """all_to_all the packed signs, vote on the owned chunk, all_gather the votes."""
+
+    def __init__(self, group, bucket_bytes, planes, device, stats):
+        super().__init__(group, bucket_bytes, planes, device, stats)
+        n, t = self.world_size, self.transport
+        self._send, self._recv, self._packed, self._chunk_vote, self._gathered = [], [], [], [], []
+        for nbytes in bucket_bytes:
+            chunk = nbytes // n
+            self._send.append(torch.zeros(n, chunk + FLAG_BYTES, dtype=torch.uint8, device=t))
+            self._recv.append(torch.empty(n, chunk + FLAG_BYTES, dtype=torch.uint8, device=t))
+            self._packed.append(torch.empty(n, chunk, dtype=torch.uint8, device=t))
+            self._chunk_vote.append(torch.empty(planes, chunk, dtype=torch.uint8, device=t))
+            self._gathered.append(torch.empty(n, planes, chunk, dtype=torch.uint8, device=t))
+
+    def run(self, bucket, local_bits, nonfinite, vote):
+        n = self.world_size
+        send, recv, packed = self._send[bucket], self._recv[bucket], self._packed[bucket]
+        chunk = packed.shape[1]
+        send[:, :chunk].copy_(local_bits.view(n, chunk))
+        send[:, chunk].copy_(nonfinite)
+        dist.all_to_all_single(recv, send, group=self.group)
+        packed.copy_(recv[:, :chunk])
+        vote(packed, self._chunk_vote[bucket])
+        dist.all_gather_into_tensor(self._gathered[bucket], self._chunk_vote[bucket], group=self.group)
+        voted = self._voted[bucket]
+        # [N, P, C] -> [P, N*C]: plane p of the bucket is the N chunks of plane p in rank order
+        voted.view(self.planes, n, chunk).copy_(self._gathered[bucket].transpose(0, 1))
+        self._count(sent=(n - 1) * (chunk + FLAG_BYTES + self.planes * chunk),
+                    received=(n - 1) * (chunk + FLAG_BYTES + self.planes * chunk))
+        return voted, recv[:, chunk].to(self.device).any()
+
+
+class AllGatherExchange(_Collective):
+    """all_gather every rank's packed signs; every rank votes on the whole bucket."""
+
+    def __init__(self, group, bucket_bytes, planes, device, stats):
+        super().__init__(group, bucket_bytes, planes, device, stats)
+        n, t = self.world_size, self.transport
+        self._send, self._gathered, self._packed = [], [], []
+        for nbytes in bucket_bytes:
+            self._send.append(torch.zeros(nbytes + FLAG_BYTES, dtype=torch.uint8, device=t))
+            self._gathered.append(torch.empty(n, nbytes + FLAG_BYTES, dtype=torch.uint8, device=t))
+            self._packed.append(torch.empty(n, nbytes, dtype=torch.uint8, device=t))
+
+    def run(self, bucket, local_bits, nonfinite, vote):
+        n = self.world_size
+        send, gathered, packed = self._send[bucket], self._gathered[bucket], self._packed[bucket]
+        nbytes = packed.shape[1]
+        send[:nbytes].copy_(local_bits)
+        send[nbytes].copy_(nonfinite)
+        dist.all_gather_into_tensor(gathered, send, group=self.group)
+        packed.copy_(gathered[:, :nbytes])
+        voted = self._voted[bucket]
+        if self.transport == self.device:
+            vote(packed, voted)
+        else:
+            staged = torch.empty(voted.shape, dtype=torch.uint8, device=self.transport)
+            vote(packed, staged)
+            voted.copy_(staged)
+        self._count(sent=(n - 1) * (nbytes + FLAG_BYTES), received=(n - 1) * (nbytes + FLAG_BYTES))
+        return voted, gathered[:, nbytes].to(self.device).any()
+
+
+EXCHANGES = {"two_phase": TwoPhaseExchange, "all_gather": AllGatherExchange}
+
+
+def choose_exchange(name: str, world_size: int) -> str:
+    """Resolve ``"auto"``: all-gather for N <= 2 (one collective), two-phase above."""
+    if name != "auto":
+        return name
+    return "all_gather" if world_size <= 2 else "two_phase"
+
+
+def make_exchange(name: str, group, bucket_bytes: list[int], planes: int, device: torch.device,
+                  stats: CommStats) -> SignExchange:
+    """Build the exchange ``name`` ("auto", "two_phase" or "all_gather") for ``group``."""
+    world_size = dist.get_world_size(group) if group is not None else 1
+    if world_size == 1:
+        return LocalExchange(bucket_bytes, planes, device, stats)
+    return EXCHANGES[choose_exchange(name, world_size)](group, bucket_bytes, planes, device, stats)

@@ -1,0 +1,54 @@
+"""Pure tensor kernels of DistLion: local step + pack, vote, unpack + apply.
+
+No process group is involved here; every function works on flat bucket tensors.
+Three implementations share one contract, and ``kernels_for(device)`` picks one:
+
+- ``reference``: plain and obvious, the oracle of the tests;
+- ``torch_fast``: chunked torch ops on packed int64 words, the default on CPU;
+- ``triton_kernels``: fused Triton kernels, the default for CUDA tensors when Triton
+  is installed.
+
+The contract (d is a multiple of 64; bit j of byte k is coordinate 8k + j; a set bit
+means +1):
+
+``pack_signs(grad, momentum, out, *, beta1, parity)``
+    out[k] <- packed bits of sign(c), c = fp32(momentum)*beta1 + fp32(grad)*(1-beta1)
+    (rounded as torch's ``mul`` then ``add(alpha=)``, i.e. one fma). A coordinate with
+    c == 0 votes + where (index + parity) is even, - otherwise (the zero rule).
+``update_momentum(grad, momentum, *, beta2)``
+    momentum <- fp32(momentum)*beta2 + fp32(grad)*(1-beta2), stored in momentum's dtype.
+``nonfinite(grad) -> Tensor``
+    0-dim bool tensor, True when grad holds an inf or nan (no host sync).
+``majority_vote(packed, out, *, casting_rank)``
+    packed: uint8 [N, C]; out: uint8 [C]. A bit is set where more than N/2 rows have
+    it set; on a tie (N even, exactly N/2) the bit of row ``casting_rank`` decides.
+``vote_counts(packed, out)``
+    out: uint8 [B, C], B >= ceil(log2(N+1)); plane i holds bit i of the per-coordinate
+    count of set bits.
+``apply_majority(param, vote, *, lr, weight_decay, master=None)``
+    x <- x*(1 - lr*weight_decay) + (-lr)*s, s = +1 for a set bit else -1, where x is
+    ``master`` (fp32 copy) when given, then param <- x in param's dtype.
+``apply_average(param, counts, *, world_size, lr, weight_decay, master=None)``
+    as above with s = fp32(2*count - N) / N.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from distlion.kernels import reference, torch_fast
+
+__all__ = ["kernels_for", "reference", "torch_fast"]
+
+
+def kernels_for(device: torch.device | str) -> ModuleType:
+    """Return the fastest kernel module for tensors on ``device``."""
+    if torch.device(device).type == "cuda":
+        try:
+            from distlion.kernels import triton_kernels
+        except ImportError:  # Triton missing or unusable: torch ops work on any device
+            return torch_fast
+        return triton_kernels
+    return torch_fast

@@ -1,0 +1,158 @@
+"""Fast kernels in plain torch ops, for CPU (and any device without Triton).
+
+Each function walks its flat bucket in chunks of ``CHUNK`` coordinates so that the
+few temporaries of a chunk stay in cache; the packed domain is handled as int64 words
+(8 bytes = 64 coordinates) with shift/and/or/multiply, never one Python op per bit.
+Results are bitwise equal to ``distlion.kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CHUNK = 1 << 16  # coordinates per chunk: temporaries of ~0.5 MB stay in L2
+
+# Gathers the low bit of each of 8 bytes into the top byte: byte j lands on bit 56+j.
+_GATHER = 0x0102040810204080
+# Zero-rule pattern as 0/1 bytes: positive where (coordinate index + parity) is even.
+_EVEN_BYTES = 0x0001000100010001  # bytes 0, 2, 4, 6 set
+_ODD_BYTES = _EVEN_BYTES << 8     # bytes 1, 3, 5, 7 set
+_ZERO_PATTERN = (_EVEN_BYTES, _ODD_BYTES)  # indexed by parity
+
+
+def _chunks(numel: int):
+    for start in range(0, numel, CHUNK):
+        yield start, min(start + CHUNK, numel)
+
+
+def _pack_bools(positive: Tensor, out: Tensor) -> None:
+    """Pack bools (viewed as 0/1 bytes, numel % 64 == 0) into ``out`` bytes."""
+    words = positive.view(torch.int64) * _GATHER
+    out.copy_(words.bitwise_right_shift_(56))  # int64 -> uint8 keeps the low byte
+
+
+def pack_signs(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, parity: int) -> None:
+    pattern = _ZERO_PATTERN[parity % 2]
+    for lo, hi in _chunks(grad.numel()):
+        m = momentum[lo:hi].float()
+        c = (m * beta1).add_(grad[lo:hi].float(), alpha=1.0 - beta1)
+        bits = c.gt(0).view(torch.int64)
+        zero = c.eq(0).view(torch.int64).bitwise_and_(pattern)
+        _pack_bools(bits.bitwise_or_(zero).view(torch.bool), out[lo // 8:hi // 8])
+
+
+def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
+    if momentum.dtype == torch.float32 and grad.dtype == torch.float32:
+        momentum.mul_(beta2).add_(grad, alpha=1.0 - beta2)
+        return
+    for lo, hi in _chunks(grad.numel()):
+        new = (momentum[lo:hi].float() * beta2).add_(grad[lo:hi].float(), alpha=1.0 - beta2)
+        momentum[lo:hi].copy_(new)
+
+
+def nonfinite(grad: Tensor) -> Tensor:
+    # A float64 sum of finite fp32/bf16/fp16 values cannot overflow, so the sum is
+    # non-finite exactly when some element is inf or nan: one pass, no bool temporary.
+    return ~torch.isfinite(grad.sum(dtype=torch.float64))
+
+
+def _bit_sliced_counts(words: Tensor) -> list[Tensor]:
+    """Add N rows of 64-coordinate words bit-sliced: planes[i] holds bit i of each count."""
+    planes: list[Tensor] = []
+    for row in words:
+        carry = row.clone()
+        for plane in planes:
+            new_carry = plane & carry
+            plane.bitwise_xor_(carry)
+            carry = new_carry
+        planes.append(carry)  # the top plane starts as the last carry (zero until needed)
+    return planes
+
+
+def _compare_constant(planes: list[Tensor], constant: int) -> tuple[Tensor, Tensor]:
+    """Return (count > constant, count == constant) as bit masks, MSB first."""
+    greater = torch.zeros_like(planes[0])
+    equal = torch.full_like(planes[0], -1)
+    for i in reversed(range(len(planes))):
+        if (constant >> i) & 1:
+            equal &= planes[i]
+        else:
+            greater |= equal & planes[i]
+            equal &= ~planes[i]
+    return greater, equal
+
+
+def majority_vote(packed: Tensor, out: Tensor, *, casting_rank: int) -> None:
+    world_size = packed.shape[0]
+    words = packed.view(torch.int64)
+    out_words = out.view(torch.int64)
+    width = max(CHUNK // 64, 1)
+    for lo in range(0, words.shape[1], width):
+        hi = min(lo + width, words.shape[1])
+        planes = _bit_sliced_counts(words[:, lo:hi])
+        greater, equal = _compare_constant(planes, world_size // 2)
+        if world_size % 2 == 0:  # a tie: the casting rank's bit decides
+            greater |= equal & words[casting_rank, lo:hi]
+        out_words[lo:hi] = greater
+
+
+def vote_counts(packed: Tensor, out: Tensor) -> None:
+    words = packed.view(torch.int64)
+    out_words = out.view(out.shape[0], -1).view(torch.int64)
+    width = max(CHUNK // 64, 1)
+    for lo in range(0, words.shape[1], width):
+        hi = min(lo + width, words.shape[1])
+        planes = _bit_sliced_counts(words[:, lo:hi])
+        for i in range(out.shape[0]):
+            out_words[i, lo:hi] = planes[i] if i < len(planes) else 0
+
+
+_TABLES: dict[tuple[str, torch.device], Tensor] = {}
+
+
+def _byte_table(kind: str, device: torch.device) -> Tensor:
+    """Return a [256, 8] lookup table: row b holds the 8 bits of byte b as ``kind``."""
+    key = (kind, device)
+    if key not in _TABLES:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = bits.to(torch.uint8) if kind == "bits" else (bits * 2 - 1).to(torch.float32)
+        _TABLES[key] = table.to(device)
+    return _TABLES[key]
+
+
+def _unpack(packed: Tensor, kind: str) -> Tensor:
+    """Unpack bytes through the table: ``"bits"`` gives 0/1 uint8, ``"signs"`` gives -1/+1 fp32."""
+    return torch.index_select(_byte_table(kind, packed.device), 0, packed.to(torch.int32)).view(-1)
+
+
+def _apply_direction(target: Tensor, direction: Tensor, lr: float, weight_decay: float) -> None:
+    if target.dtype == torch.float32:
+        if weight_decay != 0.0:
+            target.mul_(1.0 - lr * weight_decay)
+        target.add_(direction, alpha=-lr)
+    else:
+        target.copy_((target.float() * (1.0 - lr * weight_decay)).add_(direction, alpha=-lr))
+
+
+def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: float, master: Tensor | None = None) -> None:
+    target = param if master is None else master
+    flat_vote = vote.view(-1)
+    for lo, hi in _chunks(param.numel()):
+        direction = _unpack(flat_vote[lo // 8:hi // 8], "signs")
+        _apply_direction(target[lo:hi], direction, lr, weight_decay)
+        if master is not None:
+            param[lo:hi].copy_(master[lo:hi])
+
+
+def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, weight_decay: float,
+                  master: Tensor | None = None) -> None:
+    target = param if master is None else master
+    for lo, hi in _chunks(param.numel()):
+        count = torch.zeros(hi - lo, dtype=torch.int32, device=param.device)
+        for i in range(counts.shape[0]):
+            count += _unpack(counts[i, lo // 8:hi // 8], "bits").to(torch.int32) << i
+        direction = (2 * count - world_size).float() / world_size
+        _apply_direction(target[lo:hi], direction, lr, weight_decay)
+        if master is not None:
+            param[lo:hi].copy_(master[lo:hi])

@@ -1,0 +1,391 @@
+"""DistLion: Lion with a 1-bit majority-voted update shared by all data-parallel ranks.
+
+Each rank computes its local Lion direction from its own gradients, sends only the
+signs (1 bit per coordinate, packed), and every rank applies the same voted sign with
+decoupled weight decay, so parameters stay bit-identical without any broadcast::
+
+    c_i  = beta1*m_i + (1-beta1)*g_i          local interpolation
+    s_i  = sign(c_i)                          1 bit; c_i == 0 -> alternating pattern
+    m_i <- beta2*m_i + (1-beta2)*g_i          local momentum, never communicated
+    D    = sign(sum_i s_i)                    vote="majority" (tie: rank step % N decides)
+         | (1/N) * sum_i s_i                  vote="average"
+    x   <- x*(1 - lr*wd) - lr*D
+
+With one rank (or no process group) this is exactly Lion. ``step()`` only
+orchestrates: kernels (``distlion.kernels``) do the math, exchanges
+(``distlion.comm``) move the bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from distlion.comm import CommStats, choose_exchange, make_exchange
+from distlion.kernels import kernels_for
+from distlion.layout import Bucket, BucketLayout, build_layout, slot_views
+
+logger = logging.getLogger(__name__)
+
+VOTES = ("majority", "average")
+EXCHANGES = ("auto", "two_phase", "all_gather")
+STATE_FORMAT = 1
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class _BucketBuffers:
+    """Flat tensors of one bucket, allocated once. ``params`` backs the parameters' data."""
+
+    params: Tensor
+    grads: Tensor
+    momentum: Tensor
+    bits: Tensor
+    master: Tensor | None
+
+
+def count_planes(world_size: int) -> int:
+    """Bits needed to send a vote count in 0..N: ceil(log2(N + 1))."""
+    return max(1, math.ceil(math.log2(world_size + 1)))
+
+
+class DistLion(torch.optim.Optimizer):
+    """Lion whose update is the vote of every data-parallel rank's 1-bit sign.
+
+    Args:
+        params: parameters or param groups (groups may set lr, betas, weight_decay).
+        lr: learning rate (Lion wants 3-10x less than AdamW).
+        betas: (beta1, beta2): interpolation for the sign and momentum decay.
+        weight_decay: decoupled weight decay (Lion wants 3-10x more than AdamW).
+        vote: "majority" (sign of the sum of signs) or "average" (mean of the signs).
+        exchange: "two_phase", "all_gather", or "auto" (all_gather for N <= 2).
+        process_group: ranks that vote together; default the world group when
+            torch.distributed is initialised, else a single rank (plain Lion).
+        bucket_cap_mb: soft cap on a bucket, in MiB of fp32; one collective per bucket.
+        master_weights: keep fp32 copies of bf16/fp16 parameters and update those
+            (a small lr vanishes in bf16 otherwise).
+        momentum_dtype: dtype of the momentum; default float32.
+
+    Example::
+
+        opt = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1)
+        loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    # GradScaler calls step() on every rank and hands over ``grad_scale`` and
+    # ``found_inf``, so a skip can be agreed by all ranks instead of decided per rank.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, vote: str = "majority", exchange: str = "auto",
+                 process_group: Any = None, bucket_cap_mb: float = 25, master_weights: bool = True,
+                 momentum_dtype: torch.dtype | None = None):
+        _check_hyperparameters(lr, betas, weight_decay)
+        if vote not in VOTES:
+            raise ValueError(f"Invalid vote: {vote!r}; use one of {VOTES}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"Invalid exchange: {exchange!r}; use one of {EXCHANGES}")
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb}; use a positive size in MiB")
+        momentum_dtype = momentum_dtype or torch.float32
+        if not momentum_dtype.is_floating_point:
+            raise ValueError(f"Invalid momentum_dtype: {momentum_dtype}; use a floating dtype")
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, vote=vote, exchange=exchange,
+                        bucket_cap_mb=bucket_cap_mb, master_weights=master_weights,
+                        momentum_dtype=momentum_dtype)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_hyperparameters(group["lr"], group["betas"], group["weight_decay"])
+            for key in ("vote", "exchange", "bucket_cap_mb", "master_weights", "momentum_dtype"):
+                if group[key] != defaults[key]:
+                    raise ValueError(f"{key} must be the same for all param groups; got {group[key]!r} "
+                                     f"in a group and {defaults[key]!r} for the optimizer")
+
+        self.process_group = _resolve_group(process_group)
+        self.world_size = dist.get_world_size(self.process_group) if self.process_group is not None else 1
+        self.rank = dist.get_rank(self.process_group) if self.process_group is not None else 0
+        self.vote = vote
+        self.exchange_name = choose_exchange(exchange, self.world_size)
+        self.comm_stats = CommStats()
+        self._step = 0
+        self._warned_skip = False
+        self._build(previous=None)
+
+    # ------------------------------------------------------------------ layout
+
+    def _params_in_order(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _build(self, previous: dict[int, dict[str, Tensor]] | None) -> None:
+        """Lay out parameters into flat buckets and make them views of those buckets.
+
+        ``previous`` maps param index to state tensors to carry over (a re-layout after
+        the parameters were moved or replaced); None starts from zero momentum.
+        """
+        self.layout: BucketLayout = build_layout(self.param_groups, self.world_size, self.defaults["bucket_cap_mb"])
+        _check_layout_agrees(self.layout, self.process_group, self.rank)
+        params = self._params_in_order()
+        self._buffers: list[_BucketBuffers] = []
+        self._param_views: list[list[Tensor]] = []
+        self._grad_views: list[list[Tensor]] = []
+        self._bucket_params: list[list[Tensor]] = []
+        for bucket in self.layout.buckets:
+            buffers = self._allocate(bucket)
+            members = [params[slot.param_index] for slot in bucket.slots]
+            views = slot_views(buffers.params, bucket)
+            for param, view in zip(members, views):
+                view.copy_(param.detach())
+                param.data = view  # the parameter now lives in the bucket
+            if buffers.master is not None:
+                buffers.master.copy_(buffers.params)
+            for slot, param, momentum, master in zip(bucket.slots, members, slot_views(buffers.momentum, bucket),
+                                                     _optional_views(buffers.master, bucket)):
+                state = {"exp_avg": momentum}
+                if master is not None:
+                    state["master"] = master
+                carried = (previous or {}).get(slot.param_index, {})
+                for key, value in state.items():
+                    if key in carried:
+                        value.copy_(carried[key])
+                self.state[param] = state
+            self._buffers.append(buffers)
+            self._param_views.append(views)
+            self._grad_views.append(slot_views(buffers.grads, bucket))
+            self._bucket_params.append(members)
+        self._data_ptrs = [p.data_ptr() for p in params]
+        bucket_bytes = [bucket.padded_numel // 8 for bucket in self.layout.buckets]
+        device = self.layout.buckets[0].device if self.layout.buckets else torch.device("cpu")
+        planes = 1 if self.vote == "majority" else count_planes(self.world_size)
+        self._exchange = make_exchange(self.exchange_name, self.process_group, bucket_bytes, planes, device,
+                                       self.comm_stats)
+
+    def _allocate(self, bucket: Bucket) -> _BucketBuffers:
+        n, dev = bucket.padded_numel, bucket.device
+        low_precision = bucket.dtype in _LOW_PRECISION and self.defaults["master_weights"]
+        return _BucketBuffers(
+            params=torch.zeros(n, dtype=bucket.dtype, device=dev),
+            grads=torch.zeros(n, dtype=bucket.dtype, device=dev),
+            momentum=torch.zeros(n, dtype=self.defaults["momentum_dtype"], device=dev),
+            bits=torch.zeros(n // 8, dtype=torch.uint8, device=dev),
+            master=torch.zeros(n, dtype=torch.float32, device=dev) if low_precision else None,
+        )
+
+    def _ensure_layout(self) -> None:
+        """Re-lay out if the parameters were moved or replaced since the layout was built.
+
+        Wrappers do this: ``model.to(device)`` after the optimizer was built, or
+        DeepSpeed swapping in fp32 copies of bf16 parameters. Momentum is carried over.
+        """
+        params = self._params_in_order()
+        if [p.data_ptr() for p in params] == self._data_ptrs:
+            return
+        logger.info("DistLion: parameters were moved or replaced; rebuilding the bucket layout")
+        previous = {}
+        for index, param in enumerate(params):
+            state = self.state.pop(param, None) or {}
+            previous[index] = {key: value.to(param.device).clone() for key, value in state.items()}
+        self.state.clear()
+        self._build(previous)
+
+    # -------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Exchange signs, vote, and apply the voted update on every rank.
+
+        Returns the closure's loss, if a closure was given.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._ensure_layout()
+        step = self._step + 1
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
+        found_inf = getattr(self, "found_inf", None)
+        voted, skip = [], None
+        for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
+            group = self.param_groups[bucket.group_index]
+            kernels = kernels_for(bucket.device)
+            self._gather_grads(index)
+            if grad_scale is not None:
+                buffers.grads.mul_(grad_scale.double().reciprocal().float())
+            flag = kernels.nonfinite(buffers.grads)
+            if found_inf is not None:
+                flag = flag | (found_inf.to(flag.device) > 0)
+            kernels.pack_signs(buffers.grads, buffers.momentum, buffers.bits, beta1=group["betas"][0],
+                               parity=step % 2)
+            planes, any_nonfinite = self._exchange.run(index, buffers.bits, flag.to(torch.uint8),
+                                                       self._vote_fn(step))
+            voted.append(planes)
+            skip = any_nonfinite if skip is None else skip | any_nonfinite
+        self.comm_stats.steps += 1
+        self.comm_stats.allreduce_fp32_bytes += _ring_allreduce_bytes(self.layout.numel, self.world_size)
+        if skip is not None and bool(skip):
+            self._record_skip(step)
+            return loss
+        for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
+            group = self.param_groups[bucket.group_index]
+            kernels = kernels_for(bucket.device)
+            kernels.update_momentum(buffers.grads, buffers.momentum, beta2=group["betas"][1])
+            if self.vote == "majority":
+                kernels.apply_majority(buffers.params, voted[index][0], lr=group["lr"],
+                                       weight_decay=group["weight_decay"], master=buffers.master)
+            else:
+                kernels.apply_average(buffers.params, voted[index], world_size=self.world_size, lr=group["lr"],
+                                      weight_decay=group["weight_decay"], master=buffers.master)
+        self._step = step
+        return loss
+
+    def _vote_fn(self, step: int):
+        casting_rank = step % self.world_size
+
+        def vote(packed: Tensor, out: Tensor) -> None:
+            kernels = kernels_for(packed.device)
+            if self.vote == "majority":
+                kernels.majority_vote(packed, out[0], casting_rank=casting_rank)
+            else:
+                kernels.vote_counts(packed, out)
+        return vote
+
+    def _gather_grads(self, index: int) -> None:
+        """Copy the bucket's gradients into its flat buffer; a missing gradient is zero."""
+        present, sources, missing = [], [], []
+        for param, view in zip(self._bucket_params[index], self._grad_views[index]):
+            grad = param.grad
+            if grad is None:
+                missing.append(view)
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(f"DistLion does not support sparse gradients (parameter of shape "
+                                   f"{tuple(param.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)")
+            present.append(view)
+            sources.append(grad)
+        if present:
+            torch._foreach_copy_(present, sources)
+        if missing:
+            torch._foreach_zero_(missing)
+
+    def _record_skip(self, step: int) -> None:
+        self.comm_stats.skipped_steps += 1
+        if not self._warned_skip:
+            logger.warning("DistLion: non-finite gradient on at least one rank at step %d; every rank skipped "
+                           "the step (no momentum update, no decay). Further skips are counted in "
+                           "comm_stats.skipped_steps.", step)
+            self._warned_skip = True
+
+    # ------------------------------------------------------------ state_dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return this rank's state: its own momentum plus what loading needs to verify it.
+
+        Momentum differs on every rank, so save one file per rank, e.g. with torchrun::
+
+            torch.save(opt.state_dict(), f"{ckpt}/distlion_rank{dist.get_rank()}.pt")
+        """
+        state = super().state_dict()
+        state["distlion"] = {
+            "format": STATE_FORMAT,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "layout": self.layout.signature(),
+            "vote": self.vote,
+            "step": self._step,
+            "comm_stats": self.comm_stats.as_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by ``state_dict()`` on this rank, checking it belongs here."""
+        meta = state_dict.get("distlion")
+        if meta is None:
+            raise ValueError("This optimizer state was not saved by DistLion (no 'distlion' section). DistLion "
+                             "keeps different momentum on every rank: load the state this rank saved.")
+        if meta["world_size"] != self.world_size:
+            raise ValueError(f"DistLion state was saved with world size {meta['world_size']}, but this run has "
+                             f"world size {self.world_size}. Momentum is per rank and cannot be re-split: resume "
+                             f"with {meta['world_size']} ranks, or start the optimizer fresh.")
+        if meta["rank"] != self.rank:
+            raise ValueError(f"DistLion state of rank {meta['rank']} was given to rank {self.rank}: "
+                             f"load the file this rank saved.")
+        if meta["layout"] != self.layout.signature():
+            raise ValueError(f"DistLion state layout {meta['layout'][:12]} does not match this optimizer's "
+                             f"({self.layout.describe()}): the model or param groups differ from the saved run.")
+        if meta.get("vote", self.vote) != self.vote:
+            raise ValueError(f"DistLion state was saved with vote={meta['vote']!r}, this optimizer has "
+                             f"vote={self.vote!r}.")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        for group, saved in zip(self.param_groups, saved_groups):
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = tuple(value) if key == "betas" else value
+        params = self._params_in_order()
+        for index, saved_state in state_dict["state"].items():
+            target = self.state[params[int(index)]]
+            for key, value in saved_state.items():
+                if key in target:
+                    target[key].copy_(value)
+        self._step = int(meta["step"])
+        stats = meta.get("comm_stats", {})
+        for key in ("steps", "skipped_steps", "bytes_sent", "bytes_received", "allreduce_fp32_bytes"):
+            setattr(self.comm_stats, key, int(stats.get(key, 0)))
+
+
+# --------------------------------------------------------------------- helpers
+
+def _check_hyperparameters(lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+    if not (isinstance(lr, (int, float)) and lr >= 0.0):
+        raise ValueError(f"Invalid learning rate: {lr!r}; use a non-negative number")
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; use a pair (beta1, beta2)")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r}; use a value in [0, 1)")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay!r}; use a non-negative number")
+
+
+def _resolve_group(process_group: Any) -> Any:
+    if process_group is not None:
+        return process_group
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+def _optional_views(flat: Tensor | None, bucket: Bucket) -> list[Tensor | None]:
+    return slot_views(flat, bucket) if flat is not None else [None] * len(bucket.slots)
+
+
+def _ring_allreduce_bytes(numel: int, world_size: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``numel`` fp32 values."""
+    return 2 * (world_size - 1) * 4 * numel // world_size
+
+
+def _check_layout_agrees(layout: BucketLayout, group: Any, rank: int) -> None:
+    """Raise on every rank if any rank laid out different parameters (instead of hanging later)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+    digest = bytes.fromhex(layout.signature())
+    mine = torch.tensor([layout.num_params, layout.numel, len(layout.buckets), *digest], dtype=torch.int64,
+                        device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    if all(torch.equal(other, mine) for other in everyone):
+        return
+    lines = [f"rank {r}: {int(t[0])} parameters, {int(t[1]):,} elements, {int(t[2])} bucket(s), layout "
+             f"{bytes(t[3:].tolist()).hex()[:12]}" for r, t in enumerate(everyone)]
+    raise RuntimeError("DistLion: the parameter layout differs between ranks (this is rank "
+                       f"{rank}):\n  " + "\n  ".join(lines) + "\nBuild the same model on every rank and pass the "
+                       "same parameters, in the same order and param groups, to DistLion.")
