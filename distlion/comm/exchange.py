@@ -37,6 +37,12 @@ class SignExchange(Protocol):
         ...
 
 
+def _all_gather_flat(output: Tensor, input: Tensor, group) -> None:
+    """Gather every rank's ``input`` into ``output`` (contiguous, rank-major), flat."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(output.view(-1), input.view(-1), group=group)
+
+
 def _transport_device(group, device: torch.device) -> torch.device:
     """Return where collective buffers live: gloo moves CPU tensors, so CUDA data is staged."""
     if device.type == "cuda" and dist.get_backend(group) == dist.Backend.GLOO:
@@ -97,7 +103,7 @@ class TwoPhaseExchange(_Collective):
         dist.all_to_all_single(recv, send, group=self.group)
         packed.copy_(recv[:, :chunk])
         vote(packed, self._chunk_vote[bucket])
-        dist.all_gather_into_tensor(self._gathered[bucket], self._chunk_vote[bucket], group=self.group)
+        _all_gather_flat(self._gathered[bucket], self._chunk_vote[bucket], self.group)
         voted = self._voted[bucket]
         # [N, P, C] -> [P, N*C]: plane p of the bucket is the N chunks of plane p in rank order
         voted.view(self.planes, n, chunk).copy_(self._gathered[bucket].transpose(0, 1))
@@ -124,7 +130,7 @@ class AllGatherExchange(_Collective):
         nbytes = packed.shape[1]
         send[:nbytes].copy_(local_bits)
         send[nbytes].copy_(nonfinite)
-        dist.all_gather_into_tensor(gathered, send, group=self.group)
+        _all_gather_flat(gathered, send, self.group)
         packed.copy_(gathered[:, :nbytes])
         voted = self._voted[bucket]
         if self.transport == self.device:
