@@ -1,0 +1,241 @@
+"""DistLion on real gloo processes (2-4 ranks) against a simulation written from the formulas."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distlion import DistLion
+from multiprocess import run_ranks
+
+LR, WD, BETAS = 0.01, 0.1, (0.9, 0.99)
+SHAPES = [(33, 7), (7,), (5, 3)]  # 259 coordinates: padding in every bucket
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in SHAPES]
+
+
+def _grads(rank: int, step: int, style: str) -> list[torch.Tensor]:
+    """Rank-dependent gradients; "ties" makes many exact ties and exact zeros."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    grads = [torch.randn(shape, generator=gen) for shape in SHAPES]
+    if style == "ties":
+        grads = [g.sign() for g in grads]
+        grads[1].zero_()  # a parameter nobody updates: c stays exactly 0 on every rank
+    return grads
+
+
+def simulate(world_size: int, steps: int, style: str, vote: str = "majority") -> list[list[torch.Tensor]]:
+    """Simulate N workers from DESIGN section 1, one list of parameters per step."""
+    x = torch.cat([p.detach().reshape(-1) for p in _params()])
+    d = x.numel()
+    m = [torch.zeros(d) for _ in range(world_size)]
+    history = []
+    for step in range(1, steps + 1):
+        signs = []
+        for i in range(world_size):
+            g = torch.cat([t.reshape(-1) for t in _grads(i, step, style)])
+            c = (m[i] * BETAS[0]).add(g, alpha=1 - BETAS[0])
+            zero_sign = torch.where((torch.arange(d) + step) % 2 == 0, 1.0, -1.0)
+            signs.append(torch.where(c > 0, 1.0, torch.where(c < 0, -1.0, zero_sign)))
+            m[i] = (m[i] * BETAS[1]).add(g, alpha=1 - BETAS[1])
+        total = torch.stack(signs).sum(0)
+        if vote == "majority":
+            delta = torch.where(total == 0, signs[step % world_size], total.sign())
+        else:
+            delta = total / world_size
+        x = (x * (1 - LR * WD)).add(delta, alpha=-LR)
+        history.append([t.view(shape).clone() for t, shape in zip(x.split([math.prod(s) for s in SHAPES]), SHAPES)])
+    return history
+
+
+def _train(rank, world_size, steps, style, vote, exchange):
+    params = _params()
+    opt = DistLion(params, lr=LR, betas=BETAS, weight_decay=WD, vote=vote, exchange=exchange)
+    history = []
+    for step in range(1, steps + 1):
+        for p, g in zip(params, _grads(rank, step, style)):
+            p.grad = g
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history, opt.comm_stats, [b.padded_numel for b in opt.layout.buckets]
+
+
+def _train_each(rank, world_size, steps, combos):
+    """Train once per (style, vote, exchange) in one launch: process start-up is the slow part."""
+    return {combo: _train(rank, world_size, steps, *combo) for combo in combos}
+
+
+def _assert_equal_histories(got, expected):
+    for step, (a, b) in enumerate(zip(got, expected), start=1):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), f"step {step}: max difference {(x - y).abs().max().item()}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_matches_simulation_and_ranks_stay_identical(world_size):
+    combos = [(style, "majority", exchange) for style in ("random", "ties") for exchange in ("two_phase", "all_gather")]
+    results = run_ranks(_train_each, world_size, 6, combos)
+    for style, vote, exchange in combos:
+        expected = simulate(world_size, 6, style)
+        for per_rank in results:  # every rank, every step
+            _assert_equal_histories(per_rank[style, vote, exchange][0], expected)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_average_vote_matches_simulation(world_size):
+    expected = simulate(world_size, 5, "ties", vote="average")
+    combos = [("ties", "average", exchange) for exchange in ("two_phase", "all_gather")]
+    for per_rank in run_ranks(_train_each, world_size, 5, combos):
+        for combo in combos:
+            _assert_equal_histories(per_rank[combo][0], expected)
+
+
+def _expected_bytes_per_step(world_size, padded, exchange, planes):
+    """DESIGN section 2 per bucket, plus 8 flag bytes per message."""
+    total = 0
+    for numel in padded:
+        nbytes = numel // 8
+        if exchange == "two_phase":
+            chunk = nbytes // world_size
+            total += (world_size - 1) * (chunk + 8) + (world_size - 1) * planes * chunk
+        else:
+            total += (world_size - 1) * (nbytes + 8)
+    return total
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_comm_stats_follow_the_formulas(world_size):
+    numel = sum(math.prod(s) for s in SHAPES)
+    combos = [("random", vote, exchange) for vote in ("majority", "average") for exchange in ("two_phase", "all_gather")]
+    results = run_ranks(_train_each, world_size, 3, combos)
+    for _, vote, exchange in combos:
+        planes = 1 if vote == "majority" else math.ceil(math.log2(world_size + 1))
+        for per_rank in results:
+            _, stats, padded = per_rank["random", vote, exchange]
+            assert padded == [-(-numel // (64 * world_size)) * 64 * world_size]
+            per_step = _expected_bytes_per_step(world_size, padded, exchange, planes)
+            assert stats.steps == 3
+            assert stats.bytes_sent == stats.bytes_received == 3 * per_step
+            assert stats.allreduce_fp32_bytes == 3 * (2 * (world_size - 1) * 4 * numel // world_size)
+
+
+def _large_model_stats(rank, world_size):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))
+    opt = DistLion(model.parameters(), bucket_cap_mb=1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt.comm_stats, len(opt.layout.buckets)
+
+
+@pytest.mark.timeout(300)
+def test_bytes_are_about_32x_fewer_than_fp32_allreduce():
+    for stats, buckets in run_ranks(_large_model_stats, 4):
+        assert buckets > 1  # one collective per bucket, several buckets
+        assert 30 < stats.compression <= 32  # two-phase: 2(N-1)/N bits vs 64(N-1)/N bits per parameter
+
+
+def _nonfinite_on_one_rank(rank, world_size, use_scaler):
+    params = _params()
+    opt = DistLion(params, lr=LR, weight_decay=WD)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if use_scaler else None
+    snapshots = []
+    for step in range(1, 5):
+        grads = _grads(rank, step, "random")
+        if step == 2 and rank == world_size - 1:
+            grads[0][3, 3] = float("inf")
+        opt.zero_grad()
+        loss = sum((p * g).sum() for p, g in zip(params, grads))  # its gradient is g
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        snapshots.append(([p.detach().clone() for p in params], opt.state[params[0]]["exp_avg"].clone()))
+    return snapshots, opt.comm_stats.skipped_steps
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("use_scaler", [False, True], ids=["plain", "grad_scaler"])
+def test_nonfinite_gradient_on_one_rank_makes_every_rank_skip(use_scaler):
+    results = run_ranks(_nonfinite_on_one_rank, 3, use_scaler)
+    for snapshots, skipped in results:
+        assert skipped == 1
+        (p1, m1), (p2, m2) = snapshots[0], snapshots[1]
+        assert all(torch.equal(a, b) for a, b in zip(p1, p2))  # no decay, no step
+        assert torch.equal(m1, m2)  # no momentum update
+        assert not torch.equal(snapshots[2][0][0], p2[0])  # training went on
+    for snapshots, _ in results[1:]:
+        for (a, _), (b, _) in zip(snapshots, results[0][0]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _save_resume(rank, world_size, k):
+    def run(params, opt, steps):
+        for step in steps:
+            for p, g in zip(params, _grads(rank, step, "random")):
+                p.grad = g
+            opt.step()
+
+    params = _params()
+    opt = DistLion(params, lr=LR, weight_decay=WD)
+    run(params, opt, range(1, k + 1))
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
+    run(params, opt, range(k + 1, 2 * k + 1))
+
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    resumed = [torch.nn.Parameter(t) for t in saved["params"]]
+    opt2 = DistLion(resumed, lr=LR, weight_decay=WD)
+    opt2.load_state_dict(saved["opt"])
+    run(resumed, opt2, range(k + 1, 2 * k + 1))
+    momentum_equal = all(torch.equal(opt.state[a]["exp_avg"], opt2.state[b]["exp_avg"])
+                         for a, b in zip(params, resumed))
+    params_equal = all(torch.equal(a, b) for a, b in zip(params, resumed))
+    return params_equal, momentum_equal, buffer.getvalue()
+
+
+@pytest.mark.timeout(300)
+def test_state_dict_round_trip_and_wrong_world_size():
+    results = run_ranks(_save_resume, 2, 4)
+    for params_equal, momentum_equal, _ in results:
+        assert params_equal and momentum_equal
+    saved = torch.load(io.BytesIO(results[1][2]), weights_only=False)
+    assert saved["opt"]["distlion"]["rank"] == 1 and saved["opt"]["distlion"]["world_size"] == 2
+    single = DistLion([torch.nn.Parameter(t) for t in saved["params"]])  # no process group: world size 1
+    with pytest.raises(ValueError, match="saved with world size 2, but this run has world size 1"):
+        single.load_state_dict(saved["opt"])
+
+
+def _mismatched_layout(rank, world_size):
+    shapes = [(4, 4), (4,)] if rank == 0 else [(4, 4), (4,), (2,)]
+    DistLion([torch.nn.Parameter(torch.zeros(s)) for s in shapes])
+
+
+@pytest.mark.timeout(120)
+def test_layout_mismatch_is_a_clear_error_not_a_hang():
+    with pytest.raises(RuntimeError) as error:
+        run_ranks(_mismatched_layout, 2, timeout=60)
+    message = str(error.value)
+    assert "parameter layout differs between ranks" in message
+    assert "rank 0: 2 parameters, 20 elements" in message and "rank 1: 3 parameters, 22 elements" in message
+
+
+def _rank_in_group(rank, world_size):
+    return dist.get_rank(), DistLion(_params()).world_size
+
+
+@pytest.mark.timeout(120)
+def test_default_group_is_the_world():
+    assert run_ranks(_rank_in_group, 2) == [(0, 2), (1, 2)]
