@@ -119,6 +119,8 @@ class AllGatherExchange(_Collective):
         super().__init__(group, bucket_bytes, planes, device, stats)
         n, t = self.world_size, self.transport
         self._send, self._gathered, self._packed = [], [], []
+        # the vote is written where the packed signs are; staged CUDA data comes back after
+        self._vote_out = self._voted if t == device else [torch.empty_like(v, device=t) for v in self._voted]
         for nbytes in bucket_bytes:
             self._send.append(torch.zeros(nbytes + FLAG_BYTES, dtype=torch.uint8, device=t))
             self._gathered.append(torch.empty(n, nbytes + FLAG_BYTES, dtype=torch.uint8, device=t))
@@ -133,12 +135,9 @@ class AllGatherExchange(_Collective):
         _all_gather_flat(gathered, send, self.group)
         packed.copy_(gathered[:, :nbytes])
         voted = self._voted[bucket]
-        if self.transport == self.device:
-            vote(packed, voted)
-        else:
-            staged = torch.empty(voted.shape, dtype=torch.uint8, device=self.transport)
-            vote(packed, staged)
-            voted.copy_(staged)
+        vote(packed, self._vote_out[bucket])
+        if self._vote_out[bucket] is not voted:
+            voted.copy_(self._vote_out[bucket])
         self._count(sent=(n - 1) * (nbytes + FLAG_BYTES), received=(n - 1) * (nbytes + FLAG_BYTES))
         return voted, gathered[:, nbytes].to(self.device).any()
 
