@@ -1,0 +1,275 @@
+"""DistLion in real ``accelerate launch`` jobs: 2 gloo CPU processes running tests/accelerate_job.py.
+
+Five launches serve all tests (each costs seconds of imports on a small CPU machine):
+train (DistLion and AdamW side by side, save_state at step K), resume from K in a fresh
+launch, gradient accumulation under bf16, fp16 with an inf on rank 1, and a 3-process
+launch that loads the 2-process checkpoint. Every launch runs the command the README
+shows, under a timeout, so a hang fails instead of stalling CI.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+
+from safetensors.torch import load_file  # noqa: E402  (installed with accelerate)
+
+import accelerate_job as job  # noqa: E402
+import distlion.accelerate  # noqa: E402
+from distlion import DistLion  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "tests" / "accelerate_job.py"
+CPU_CONFIG = ROOT / "launch" / "accelerate" / "cpu_2proc.yaml"
+WORLD = 2
+STEPS, SAVE_AT = 8, 4  # save_state at step k = 4, train to 2k = 8
+LAUNCH_TIMEOUT = 240  # seconds per launch
+
+
+def _accelerate_command() -> list[str]:
+    """Return the ``accelerate`` of this interpreter's environment (never one from PATH)."""
+    entry_point = Path(sys.executable).with_name("accelerate")
+    if entry_point.exists():
+        return [str(entry_point), "launch"]
+    return [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*job_args: str, num_processes: int = WORLD, mixed_precision: str = "no",
+           config_file: bool = True) -> subprocess.CompletedProcess:
+    """Run the job under ``ACCELERATE_USE_CPU=true accelerate launch``, as the README shows.
+
+    With ``config_file``: ``--config_file launch/accelerate/cpu_2proc.yaml``; without:
+    ``--multi_gpu --num_processes N --num_machines 1``, no config at all.
+    """
+    layout = ["--config_file", str(CPU_CONFIG)] if config_file else ["--multi_gpu", "--num_machines", "1"]
+    command = [*_accelerate_command(), *layout, "--num_processes", str(num_processes), "--mixed_precision",
+               mixed_precision, "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(JOB),
+               *job_args]
+    # HF_HOME: no default_config.yaml of this machine's user slips into the launch.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(Path(job_args[job_args.index("--out") + 1]) / "hf_home")}
+    # A session of its own, so a timeout kills the launcher and every worker it started.
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"accelerate launch did not finish within {LAUNCH_TIMEOUT} s (hang?): {' '.join(command)}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def launch_ok(*job_args: str, **kwargs) -> None:
+    result = launch(*job_args, **kwargs)
+    assert result.returncode == 0, f"launch failed ({result.returncode}):\n{result.stderr[-6000:]}"
+
+
+def results(out: Path, phase: str, world: int = WORLD) -> list[dict]:
+    return [torch.load(out / f"{phase}_rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def bytes_per_step(numel: int, world_size: int) -> int:
+    """The core's all_gather exchange: (N-1) * (padded/8 + 8 flag bytes), padded to 64*N."""
+    multiple = 64 * world_size
+    padded = -(-numel // multiple) * multiple
+    return (world_size - 1) * (padded // 8 + 8)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("accelerate")
+
+
+@pytest.fixture(scope="module")
+def trained(out):
+    launch_ok("--phase", "train", "--out", str(out), "--steps", str(STEPS), "--save-at", str(SAVE_AT),
+              "--ckpt", str(out / "ckpt"))
+    return results(out, "train")
+
+
+@pytest.fixture(scope="module")
+def resumed(trained, out):
+    # What accelerator.save_state writes without distlion: the same directory minus DistLion's files.
+    plain = out / "plain_ckpt"
+    shutil.copytree(out / "ckpt", plain, ignore=shutil.ignore_patterns("distlion_*"))
+    launch_ok("--phase", "resume", "--out", str(out), "--steps", str(STEPS), "--save-at", str(SAVE_AT),
+              "--ckpt", str(out / "ckpt"), "--plain-ckpt", str(plain))
+    return results(out, "resume")
+
+
+@pytest.mark.timeout(300)
+def test_distlion_keeps_gradients_local_and_parameters_identical(trained):
+    for rank, result in enumerate(trained):
+        assert len(result["steps"]) == STEPS
+        for step, facts in enumerate(result["steps"]):
+            assert not facts["grads_same"], f"rank {rank} step {step}: DistLion gradients were all-reduced"
+            assert facts["params_same"], f"rank {rank} step {step}: DistLion parameters differ between ranks"
+            assert facts["adamw_grads_same"], f"rank {rank} step {step}: AdamW gradients were not all-reduced"
+            assert facts["adamw_params_same"], f"rank {rank} step {step}: AdamW parameters differ between ranks"
+    assert all(torch.equal(a, b) for a, b in zip(trained[0]["params"], trained[1]["params"]))
+
+
+@pytest.mark.timeout(300)
+def test_bytes_per_step_match_core_formula_and_reach_the_tracker(trained, out):
+    expected = bytes_per_step(trained[0]["numel"], WORLD)
+    for result in trained:
+        assert [facts["bytes_sent"] for facts in result["steps"]] == [expected] * STEPS
+        assert result["comm"]["bytes_sent_per_step"] == expected
+        assert result["comm"]["bytes_sent"] == result["comm"]["bytes_received"] == expected * STEPS
+    # accelerator.log(comm_metrics(optimizer)) reaches the configured tracker (main process only).
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == list(range(STEPS))
+    assert all(entry["distlion/bytes_sent_per_step"] == expected for entry in logged)
+    assert [entry["distlion/steps"] for entry in logged] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.timeout(300)
+def test_save_model_writes_every_weight(trained, out):
+    # Parameters are views of one bucket; Accelerate's safetensors writer alone keeps only one of them.
+    saved = load_file(out / "final_model" / "model.safetensors")
+    assert sorted(saved) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    for name, param in zip(["0.weight", "0.bias", "2.weight", "2.bias"], trained[0]["params"]):
+        assert torch.equal(saved[name], param), name
+
+
+@pytest.mark.timeout(300)
+def test_save_state_writes_every_rank_and_the_whole_model(trained, out):
+    ckpt = out / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("distlion_*")) == [f"distlion_optimizer_rank{r}.bin" for r in range(WORLD)]
+    # Parameters are views of one bucket; every weight must still be in the file.
+    assert sorted(load_file(ckpt / "model.safetensors")) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    for rank in range(WORLD):
+        state = torch.load(ckpt / f"distlion_optimizer_rank{rank}.bin", weights_only=True)
+        assert state["distlion"]["rank"] == rank and state["distlion"]["world_size"] == WORLD
+        assert state["distlion"]["step"] == SAVE_AT
+
+
+@pytest.mark.timeout(400)
+def test_resume_from_save_state_is_bitwise_equal_on_every_rank(trained, resumed):
+    for rank, (full, resume) in enumerate(zip(trained, resumed)):
+        for name in ("params", "momentum", "adamw_params"):
+            assert all(torch.equal(a, b) for a, b in zip(full[name], resume[name])), \
+                f"rank {rank}: {name} after resuming differ from the uninterrupted run"
+        assert resume["comm"] == full["comm"] and resume["lr"] == full["lr"]
+        assert all(facts["params_same"] and not facts["grads_same"] for facts in resume["steps"])
+    # Momentum differs between ranks, so restoring rank 0's on every rank would have failed the check above.
+    assert not any(torch.equal(a, b) for a, b in zip(trained[0]["momentum"], trained[1]["momentum"]))
+
+
+@pytest.mark.timeout(400)
+def test_load_state_of_a_directory_saved_without_distlion_fails_clearly(resumed):
+    for rank, result in enumerate(resumed):
+        (message,) = result["load_errors"]
+        assert "saved without distlion" in message
+        assert f"expected distlion_optimizer_rank{rank}.bin" in message and "optimizer.bin" in message
+
+
+@pytest.mark.timeout(300)
+def test_gradient_accumulation_votes_once_on_summed_gradients(out):
+    optimizer_steps = 3
+    launch_ok("--phase", "accumulate", "--out", str(out), "--steps", str(optimizer_steps), mixed_precision="bf16",
+              config_file=False)
+    ranks = results(out, "accumulate")
+    for rank, result in enumerate(ranks):
+        micro = result["micro"]
+        assert len(micro) == optimizer_steps * job.MICRO_STEPS
+        # DistLion votes only on sync steps: once every MICRO_STEPS micro-steps.
+        assert [m["votes"] for m in micro] == [(i + 1) // job.MICRO_STEPS for i in range(len(micro))]
+        for m in (m for m in micro if m["sync"]):
+            assert m["grads_equal_reference"], f"rank {rank}: accumulated gradients != summed micro-gradients"
+            assert not m["grads_same"], f"rank {rank}: gradients were all-reduced"
+            assert m["norm"] == m["reference_norm"]
+            assert m["params_equal_reference"] and m["momentum_equal_reference"], \
+                f"rank {rank}: accumulation differs from one step on the summed gradients"
+            assert m["params_same"]
+    # clip_grad_norm_ sees local gradients: the norm differs between ranks.
+    norms = [[m["norm"] for m in result["micro"] if m["sync"]] for result in ranks]
+    assert norms[0] != norms[1]
+
+
+@pytest.mark.timeout(300)
+def test_fp16_inf_on_one_rank_skips_on_every_rank_and_training_goes_on(out):
+    launch_ok("--phase", "fp16", "--out", str(out), "--steps", "6", mixed_precision="fp16")
+    ranks = results(out, "fp16")
+    for rank, result in enumerate(ranks):
+        assert result["scaler"] == "GradScaler"
+        steps = result["steps"]
+        assert [s["skipped"] for s in steps] == [step == job.INF_STEP for step in range(6)], f"rank {rank}"
+        assert [s["changed"] for s in steps] == [step != job.INF_STEP for step in range(6)], f"rank {rank}"
+        # Every rank's GradScaler backs off, not only rank INF_RANK's; LR schedules stay together.
+        assert all(s["scale_same"] and s["lr_same"] and s["params_same"] and s["params_finite"] for s in steps)
+        assert steps[job.INF_STEP]["scale"] == steps[job.INF_STEP - 1]["scale"] / 2
+        assert result["comm"]["skipped_steps"] == 1 and result["comm"]["steps"] == 6
+
+
+@pytest.mark.timeout(300)
+def test_load_with_another_world_size_fails_clearly_without_hanging(trained, out):
+    result = launch("--phase", "load", "--out", str(out / "wrong_world"), "--ckpt", str(out / "ckpt"),
+                    num_processes=3)
+    assert result.returncode != 0
+    # Ranks 0 and 1 find their file saved by 2 ranks; rank 2 finds none of its own.
+    assert "was saved by a run of world size 2, but this run has world size 3" in result.stderr
+    assert "holds DistLion optimizer state of 2 rank(s) (ranks [0, 1]), but this run has 3 processes" \
+        in result.stderr
+    assert "relaunch with --num_processes 2" in result.stderr
+    assert not (out / "wrong_world" / "load_rank0.pt").exists()
+
+
+# ---------------------------------------------------------------- in-process
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)  # Accelerate keeps process-wide singletons
+    GradientState._reset_state()
+
+
+def test_prepare_without_distlion_is_accelerator_prepare(accelerator):
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    prepared_model, prepared_optimizer = distlion.accelerate.prepare(accelerator, model, optimizer)
+    assert prepared_model is model and prepared_optimizer.optimizer is optimizer
+    assert accelerator._optimizers == [prepared_optimizer]
+    assert not accelerator._save_model_state_pre_hook and not accelerator._load_model_state_pre_hook
+    assert accelerator not in distlion.accelerate._ADAPTERS
+
+
+def test_prepare_returns_what_accelerator_prepare_returns(accelerator):
+    model = torch.nn.Linear(4, 2)
+    optimizer = DistLion(model.parameters(), lr=1e-3)
+    single = distlion.accelerate.prepare(accelerator, optimizer)
+    assert single.optimizer is optimizer  # one object in, one object out, as accelerator.prepare
+    assert distlion.accelerate.comm_metrics(single)["distlion/steps"] == 0
+    with pytest.raises(TypeError, match="needs a DistLion optimizer"):
+        distlion.accelerate.comm_metrics(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_unalias_keeps_every_view_of_a_flat_buffer():
+    flat = torch.arange(10.0)
+    state = {"a": flat[:4].view(2, 2), "b": flat[4:10], "own": torch.ones(3)}
+    own = state["own"]
+    distlion.accelerate._unalias(state)
+    assert state["own"] is own  # a tensor with its own storage is left alone
+    assert torch.equal(state["a"], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    assert torch.equal(state["b"], flat[4:10])
+    assert state["a"].untyped_storage().data_ptr() != state["b"].untyped_storage().data_ptr()
+    assert state["a"].untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
