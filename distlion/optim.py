@@ -114,6 +114,7 @@ class DistLion(torch.optim.Optimizer):
         self.exchange_name = choose_exchange(exchange, self.world_size)
         self.comm_stats = CommStats()
         self._step = 0
+        self.overflow = False  # True after a step that every rank skipped
         self._warned_skip = False
         self._build(previous=None)
 
@@ -227,7 +228,9 @@ class DistLion(torch.optim.Optimizer):
             skip = any_nonfinite if skip is None else skip | any_nonfinite
         self.comm_stats.steps += 1
         self.comm_stats.allreduce_fp32_bytes += _ring_allreduce_bytes(self.layout.numel, self.world_size)
-        if skip is not None and bool(skip):
+        # DeepSpeed's engine reads ``overflow`` to count skips and hold its LR scheduler.
+        self.overflow = skip is not None and bool(skip)
+        if self.overflow:
             self._record_skip(step)
             return loss
         for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
@@ -289,6 +292,7 @@ class DistLion(torch.optim.Optimizer):
 
             torch.save(opt.state_dict(), f"{ckpt}/distlion_rank{dist.get_rank()}.pt")
         """
+        self._ensure_layout()  # parameters replaced since the last step: state is keyed by the new ones
         state = super().state_dict()
         state["distlion"] = {
             "format": STATE_FORMAT,
@@ -303,6 +307,9 @@ class DistLion(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()`` on this rank, checking it belongs here."""
+        # Lay out the current parameters first: a stale layout would fail the signature
+        # check, or drop the momentum of replaced parameters.
+        self._ensure_layout()
         meta = state_dict.get("distlion")
         if meta is None:
             raise ValueError("This optimizer state was not saved by DistLion (no 'distlion' section). DistLion "

@@ -24,6 +24,11 @@ class CommStats:
     bytes_received: int = 0
     allreduce_fp32_bytes: int = 0
 
+    def reset(self) -> None:
+        """Zero every counter."""
+        for key in ("steps", "skipped_steps", "bytes_sent", "bytes_received", "allreduce_fp32_bytes"):
+            setattr(self, key, 0)
+
     @property
     def bytes_sent_per_step(self) -> float:
         return self.bytes_sent / self.steps if self.steps else 0.0

@@ -1,0 +1,319 @@
+"""DeepSpeed adapter: ``"type": "DistLion"`` in a DeepSpeed config, per-rank optimizer checkpoints.
+
+DeepSpeed has no registry of optimizer types, so call ``distlion.deepspeed.initialize``
+where you would call ``deepspeed.initialize`` (same arguments, same return value)::
+
+    # ds_config.json: "optimizer": {"type": "DistLion", "params": {"lr": 1e-4, "betas": [0.9, 0.99],
+    #                                "weight_decay": 0.1, "vote": "majority"}}
+    from distlion.deepspeed import initialize
+    engine, optimizer, _, _ = initialize(model=model, model_parameters=model.parameters(),
+                                         config="ds_config.json")
+    loss = engine(batch); engine.backward(loss); engine.step()
+    engine.save_checkpoint("ckpt")          # every rank also writes its own DistLion state
+
+Launch with ``deepspeed --num_gpus N train.py`` or ``torchrun --nproc_per_node N train.py``.
+
+When the engine's optimizer is DistLion (built from the config entry, or a DistLion
+instance passed as ``optimizer=``), ``initialize`` also:
+
+- turns off the engine's gradient all-reduce: every rank keeps its own gradients and
+  DistLion exchanges 1-bit signs instead. Under ``"bf16"`` / ``"fp16"`` DeepSpeed wraps
+  DistLion in its unfused optimizer, which keeps fp32 copies (DistLion updates those);
+  with the all-reduce off, that wrapper all-reduces its overflow flag itself, so every
+  rank skips an overflow step together and the loss scales stay equal. In fp32, DistLion
+  agrees on skips inside its own exchange (``comm_stats.skipped_steps``);
+- wraps ``engine.save_checkpoint`` / ``engine.load_checkpoint`` so that every rank saves
+  and restores its own optimizer state (``<dir>/<tag>/distlion_rank{r}_of_{N}.pt``): at
+  ZeRO stage 0 DeepSpeed writes rank 0's optimizer state only, and DistLion's momentum
+  differs on every rank.
+
+ZeRO stage >= 1 is refused: it partitions the optimizer and reduce-scatters full-precision
+gradients, the traffic DistLion exists to remove. Configs with any other optimizer go to
+``deepspeed.initialize`` unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import logging
+import os
+import re
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+try:
+    import deepspeed
+    from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError('distlion.deepspeed needs DeepSpeed: pip install "distlion[deepspeed]"') from error
+
+from distlion.optim import DistLion
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER_TYPE = "DistLion"
+# What a "DistLion" entry's params may set: DistLion's keyword arguments that JSON can hold.
+CONFIG_PARAMS = ("lr", "betas", "weight_decay", "vote", "exchange", "bucket_cap_mb", "master_weights",
+                 "momentum_dtype")
+STATE_FILE = "distlion_rank{rank}_of_{world_size}.pt"
+_STATE_FILE_PATTERN = re.compile(r"distlion_rank(\d+)_of_(\d+)\.pt$")
+
+
+def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
+               model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
+               distributed_port: int = TORCH_DISTRIBUTED_DEFAULT_PORT, mpu: Any = None,
+               dist_init_required: bool | None = None, collate_fn: Any = None, config: Any = None,
+               mesh_param: Any = None, config_params: Any = None):
+    """Initialize DeepSpeed like ``deepspeed.initialize``, building DistLion from a ``"DistLion"`` entry.
+
+    Takes and returns what ``deepspeed.initialize`` does: ``(engine, optimizer,
+    training_dataloader, lr_scheduler)``. As in DeepSpeed, an ``optimizer`` argument
+    overrides the config's optimizer entry.
+
+    Raises:
+        ValueError: for a DistLion engine under ZeRO stage >= 1, with model parallelism
+            (``mpu`` or a pipeline model), or with an unknown param in the entry.
+    """
+    forwarded = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                     training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
+                     mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
+                     config_params=config_params)
+    if mesh_param is not None:  # older DeepSpeed releases have no mesh_param
+        forwarded["mesh_param"] = mesh_param
+    source = config if config is not None else config_params
+    from_args = source is None
+    if from_args:
+        source = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
+    ds_config = load_config(source) if source is not None else {}
+    entry = ds_config.get("optimizer") or {}
+    names_distlion = str(entry.get("type", "")).lower() == OPTIMIZER_TYPE.lower()
+    if names_distlion and optimizer is not None:
+        # DeepSpeed's rule: a client optimizer overrides the config's optimizer entry.
+        logger.warning("DistLion: optimizer=%s was passed, so the config's \"DistLion\" entry %s is ignored",
+                       type(optimizer).__name__, entry.get("params"))
+    from_entry = names_distlion and optimizer is None
+    if from_entry or isinstance(optimizer, DistLion):
+        _check_supported(ds_config, mpu, model)  # before any collective: every rank raises, none waits
+    if from_entry:
+        kwargs = distlion_kwargs(entry.get("params") or {})
+
+        def build(params) -> DistLion:
+            # DeepSpeed calls this once it has initialised torch.distributed and cast and
+            # moved the model, so DistLion lays out the final parameters.
+            return DistLion(params, **kwargs)
+
+        # DeepSpeed rejects optimizer types it does not know, but takes a callable.
+        ds_config = {key: value for key, value in ds_config.items() if key != "optimizer"}
+        forwarded.update(optimizer=build, config=ds_config, config_params=None)
+    with _config_taken_from(args if from_entry and from_args else None):
+        engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(**forwarded)
+    distlion = getattr(engine, "basic_optimizer", None)
+    if isinstance(distlion, DistLion):  # also when a callable of the caller's built it
+        _check_supported(ds_config, mpu, model)
+        _attach(engine, distlion)
+        logger.info("DistLion: DeepSpeed engine ready (%s, world size %d, %s exchange); gradient all-reduce off",
+                    type(engine.optimizer).__name__, distlion.world_size, distlion.exchange_name)
+    return engine, ds_optimizer, dataloader, scheduler
+
+
+def load_config(config: Any) -> dict:
+    """Return a DeepSpeed config as a dict: a dict, a path to a JSON (hjson) file, or base64 JSON."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    if isinstance(config, (str, os.PathLike)) and os.path.isfile(config):
+        with open(config) as handle:
+            return _parse_json(handle.read())
+    if isinstance(config, str):
+        import base64
+        import binascii
+        try:
+            return _parse_json(base64.urlsafe_b64decode(config).decode("utf-8"))
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            pass
+    raise ValueError(f"DeepSpeed config {config!r} is neither a dict, a path to an existing JSON file, nor "
+                     "base64-encoded JSON; pass config=<dict or path>")
+
+
+def distlion_kwargs(params: dict) -> dict:
+    """Turn the ``"params"`` of a ``"DistLion"`` config entry into ``DistLion`` keyword arguments."""
+    unknown = sorted(set(params) - set(CONFIG_PARAMS))
+    if unknown:
+        raise ValueError(f"Unknown DistLion param(s) {unknown} in the DeepSpeed config; DistLion takes "
+                         f"{list(CONFIG_PARAMS)} (no eps: Lion has no denominator)")
+    kwargs = dict(params)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    if isinstance(kwargs.get("momentum_dtype"), str):
+        name = kwargs["momentum_dtype"]
+        dtype = getattr(torch, name.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"Invalid momentum_dtype {name!r} in the DeepSpeed config; use a torch dtype name "
+                             "such as \"float32\" or \"bfloat16\"")
+        kwargs["momentum_dtype"] = dtype
+    return kwargs
+
+
+def get_distlion(engine) -> DistLion:
+    """Return the DistLion inside a DeepSpeed engine, under any fp16/bf16 wrapper (for ``comm_stats``)."""
+    optimizer = getattr(engine, "basic_optimizer", None)
+    if not isinstance(optimizer, DistLion):
+        raise ValueError(f"This DeepSpeed engine's optimizer is {type(optimizer).__name__}, not DistLion; build "
+                         "the engine with distlion.deepspeed.initialize and a \"DistLion\" config entry")
+    return optimizer
+
+
+# ---------------------------------------------------------------------- checks
+
+def _zero_stage(ds_config: dict) -> int:
+    zero = ds_config.get("zero_optimization", {})
+    if isinstance(zero, bool):  # DeepSpeed's deprecated form: true means stage 1
+        return int(zero)
+    try:
+        return int(zero.get("stage", 0))
+    except (TypeError, ValueError):
+        return 0  # not a number ("auto"): DeepSpeed itself rejects it with its own message
+
+
+def _check_supported(ds_config: dict, mpu: Any, model: Any) -> None:
+    """Raise on every rank, before any collective, for setups DistLion cannot run (so nothing hangs)."""
+    stage = _zero_stage(ds_config)
+    if stage >= 1:
+        raise ValueError(
+            f"DistLion cannot run under ZeRO stage {stage}: ZeRO >= 1 partitions the optimizer state and "
+            "reduce-scatters full-precision gradients between ranks, which is exactly the traffic DistLion "
+            "replaces with 1-bit signs (and DeepSpeed's ZeRO optimizer breaks once the gradient all-reduce is "
+            "off). DistLion's own state is already small (one momentum buffer). Use "
+            '"zero_optimization": {"stage": 0}, or remove the "zero_optimization" section.')
+    if mpu is not None or isinstance(model, deepspeed.PipelineModule):
+        raise ValueError("distlion.deepspeed supports data parallelism only (no mpu, no PipelineModule): "
+                         "DistLion votes over the whole world group. Build DistLion(process_group=<your "
+                         "data-parallel group>) and pass it to deepspeed.initialize yourself.")
+
+
+def _parse_json(text: str) -> dict:
+    try:
+        import hjson  # DeepSpeed's own parser (a DeepSpeed dependency): allows comments
+        return hjson.loads(text, object_pairs_hook=dict)
+    except ImportError:
+        return json.loads(text)
+
+
+@contextmanager
+def _config_taken_from(args: Any):
+    """Hide ``args.deepspeed_config`` while DeepSpeed runs: it rejects a config passed twice."""
+    saved = {name: getattr(args, name) for name in ("deepspeed_config", "deepscale_config")
+             if getattr(args, name, None) is not None}
+    for name in saved:
+        setattr(args, name, None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(args, name, value)
+
+
+# --------------------------------------------------------------- engine setup
+
+def _attach(engine, optimizer: DistLion) -> None:
+    """Turn off the gradient all-reduce, undo the wrappers' warm-up step, and add per-rank checkpoints."""
+    # Each rank must keep its own gradients: DistLion sends their signs instead.
+    engine.enable_backward_allreduce = False
+    if engine.optimizer is not optimizer and hasattr(engine.optimizer, "refresh_fp32_params"):
+        # DeepSpeed's unfused fp16/bf16 wrapper calls step() once with zero gradients to
+        # create optimizer state; for Lion that is a real ±lr step (and a decay) on its fp32
+        # copies. Copy the untouched model weights back so training starts where it should,
+        # and forget that step's exchange so comm_stats counts training steps only.
+        engine.optimizer.refresh_fp32_params()
+        optimizer.comm_stats.reset()  # in place: the exchange holds this object
+    checkpoints = _PerRankCheckpoints(engine, optimizer)
+    engine.save_checkpoint = checkpoints.save_checkpoint
+    engine.load_checkpoint = checkpoints.load_checkpoint
+
+
+class _PerRankCheckpoints:
+    """``save_checkpoint`` / ``load_checkpoint`` that also save and restore every rank's optimizer state."""
+
+    def __init__(self, engine, optimizer: DistLion):
+        self.engine = engine
+        self.optimizer = optimizer
+        self._save = engine.save_checkpoint  # DeepSpeed's own, bound to the engine
+        self._load = engine.load_checkpoint
+
+    def _path(self, directory: str, tag: str) -> str:
+        name = STATE_FILE.format(rank=self.optimizer.rank, world_size=self.optimizer.world_size)
+        return os.path.join(directory, tag, name)
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+        """Save a DeepSpeed checkpoint plus this rank's optimizer state; call on every rank."""
+        tag = f"global_step{self.engine.global_steps}" if tag is None else str(tag)
+        path = self._path(save_dir, tag)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Written before DeepSpeed's save, whose first barrier then guarantees every rank's
+        # file exists before rank 0 writes the "latest" tag.
+        torch.save(self.engine.optimizer.state_dict(), path)
+        return self._save(save_dir, tag=tag, client_state={} if client_state is None else client_state,
+                          save_latest=save_latest, **kwargs)
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, **kwargs):
+        """Load a DeepSpeed checkpoint and this rank's own optimizer state; call on every rank."""
+        if not load_optimizer_states or load_module_only:
+            loaded = self._load(load_dir, tag=tag, load_module_strict=load_module_strict,
+                                load_optimizer_states=load_optimizer_states,
+                                load_lr_scheduler_states=load_lr_scheduler_states,
+                                load_module_only=load_module_only, **kwargs)
+            if loaded[0] is not None and hasattr(self.engine.optimizer, "refresh_fp32_params"):
+                # DeepSpeed refreshes the fp32 copies only for load_module_only; without
+                # this, the first step would write the stale copies over the loaded weights.
+                self.engine.optimizer.refresh_fp32_params()
+            return loaded
+        if tag is None:
+            tag = _latest_tag(load_dir)
+            if tag is None:  # DeepSpeed warns and returns (None, None)
+                return self._load(load_dir, tag=None, load_module_strict=load_module_strict,
+                                  load_lr_scheduler_states=load_lr_scheduler_states, **kwargs)
+        # Read (and check) this rank's state before touching the model, so a bad checkpoint
+        # fails on every rank the same way instead of half-loading.
+        state = self._read_state(load_dir, str(tag))
+        # DeepSpeed would give every rank rank 0's optimizer state: load the weights and
+        # everything else through it, and this rank's own optimizer state here.
+        load_path, client_state = self._load(load_dir, tag=tag, load_module_strict=load_module_strict,
+                                             load_optimizer_states=False,
+                                             load_lr_scheduler_states=load_lr_scheduler_states,
+                                             load_module_only=False, **kwargs)
+        if load_path is None:
+            return load_path, client_state
+        self.engine.optimizer.load_state_dict(state)
+        client_state["optimizer"] = state  # what DeepSpeed returns there, for this rank
+        return load_path, client_state
+
+    def _read_state(self, load_dir: str, tag: str) -> dict:
+        path = self._path(load_dir, tag)
+        if os.path.isfile(path):
+            return torch.load(path, map_location="cpu", weights_only=True)
+        saved = sorted({int(m.group(2)) for f in glob.glob(os.path.join(load_dir, tag, "distlion_rank*_of_*.pt"))
+                        if (m := _STATE_FILE_PATTERN.search(f))})
+        here = self.optimizer.world_size
+        if saved and here not in saved:
+            raise ValueError(
+                f"Checkpoint {os.path.join(load_dir, tag)} holds DistLion state of {saved[0]} rank(s), but this run "
+                f"has {here}. DistLion keeps different momentum on every rank and cannot re-split it: resume with "
+                f"{saved[0]} ranks, or call load_checkpoint(..., load_optimizer_states=False) to keep the weights "
+                "and start the optimizer fresh.")
+        raise ValueError(
+            f"No DistLion optimizer state for rank {self.optimizer.rank} at {path}. Save checkpoints from an "
+            "engine built by distlion.deepspeed.initialize (plain DeepSpeed keeps rank 0's state only), or call "
+            "load_checkpoint(..., load_optimizer_states=False) to keep the weights and start the optimizer fresh.")
+
+
+def _latest_tag(load_dir: str) -> str | None:
+    """Return the tag in ``<load_dir>/latest``, as DeepSpeed reads it, or None when there is none."""
+    latest = os.path.join(load_dir, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as handle:
+        return handle.read().strip()
