@@ -89,5 +89,15 @@ def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, 
     count = torch.zeros(param.numel(), dtype=torch.int64, device=param.device)
     for i in range(counts.shape[0]):
         count += _unpack_bits(counts[i]).long() << i
-    direction = (2 * count - world_size).float() / world_size
+    direction = average_steps(world_size).to(param.device)[count]
     _apply_direction(param, direction, lr, weight_decay, master)
+
+
+def average_steps(world_size: int) -> Tensor:
+    """Return the average vote's step (2k - N) / N for k = 0..N positive votes, in fp32.
+
+    Divided on the CPU with a tensor divisor: a true fp32 division on every device (a GPU
+    kernel dividing by a Python scalar multiplies by the rounded reciprocal instead).
+    """
+    k = torch.arange(world_size + 1, dtype=torch.float32)
+    return (2 * k - world_size) / torch.tensor(float(world_size))

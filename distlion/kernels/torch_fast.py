@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from distlion.kernels import reference
+
 CHUNK = 1 << 16  # coordinates per chunk: temporaries of ~0.5 MB stay in L2
 
 # Gathers the low bit of each of 8 bytes into the top byte: byte j lands on bit 56+j.
@@ -26,20 +28,30 @@ def _chunks(numel: int):
         yield start, min(start + CHUNK, numel)
 
 
-def _pack_bools(positive: Tensor, out: Tensor) -> None:
-    """Pack bools (viewed as 0/1 bytes, numel % 64 == 0) into ``out`` bytes."""
-    words = positive.view(torch.int64) * _GATHER
-    out.copy_(words.bitwise_right_shift_(56))  # int64 -> uint8 keeps the low byte
+def _pack_words(words: Tensor, out: Tensor) -> None:
+    """Pack int64 words of eight 0/1 bytes into ``out`` bytes (``words`` is clobbered)."""
+    words.mul_(_GATHER).bitwise_right_shift_(56)
+    out.copy_(words)  # int64 -> uint8 keeps the low byte
 
 
 def pack_signs(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, parity: int) -> None:
     pattern = _ZERO_PATTERN[parity % 2]
+    width = min(CHUNK, grad.numel())
+    # scratch reused by every chunk: fresh large allocations would cost page faults
+    c = torch.empty(width, dtype=torch.float32, device=grad.device)
+    positive = torch.empty(width, dtype=torch.bool, device=grad.device)
+    zero = torch.empty(width, dtype=torch.bool, device=grad.device)
+    words = torch.empty(width // 8, dtype=torch.int64, device=grad.device)
     for lo, hi in _chunks(grad.numel()):
-        m = momentum[lo:hi].float()
-        c = (m * beta1).add_(grad[lo:hi].float(), alpha=1.0 - beta1)
-        bits = c.gt(0).view(torch.int64)
-        zero = c.eq(0).view(torch.int64).bitwise_and_(pattern)
-        _pack_bools(bits.bitwise_or_(zero).view(torch.bool), out[lo // 8:hi // 8])
+        n = hi - lo
+        torch.mul(momentum[lo:hi].float(), beta1, out=c[:n])
+        c[:n].add_(grad[lo:hi], alpha=1.0 - beta1)  # one fma, as the contract says
+        torch.gt(c[:n], 0, out=positive[:n])
+        torch.eq(c[:n], 0, out=zero[:n])
+        w = words[:n // 8]
+        torch.bitwise_and(zero[:n].view(torch.int64), pattern, out=w)
+        w.bitwise_or_(positive[:n].view(torch.int64))
+        _pack_words(w, out[lo // 8:hi // 8])
 
 
 def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
@@ -52,9 +64,13 @@ def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
 
 
 def nonfinite(grad: Tensor) -> Tensor:
-    # A float64 sum of finite fp32/bf16/fp16 values cannot overflow, so the sum is
-    # non-finite exactly when some element is inf or nan: one pass, no bool temporary.
-    return ~torch.isfinite(grad.sum(dtype=torch.float64))
+    if grad.device.type == "cpu":
+        # A finite sum proves every element finite (inf and nan propagate): one fast pass.
+        # Only a non-finite sum, or one that overflowed, needs the exact element check.
+        total = grad.sum()
+        if torch.isfinite(total):
+            return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(grad).all()
 
 
 def _bit_sliced_counts(words: Tensor) -> list[Tensor]:
@@ -138,9 +154,14 @@ def _apply_direction(target: Tensor, direction: Tensor, lr: float, weight_decay:
 def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: float, master: Tensor | None = None) -> None:
     target = param if master is None else master
     flat_vote = vote.view(-1)
+    table = _byte_table("signs", param.device)
+    direction = torch.empty(min(CHUNK, param.numel()) // 8, 8, dtype=torch.float32, device=param.device)
+    index = torch.empty(direction.shape[0], dtype=torch.int32, device=param.device)
     for lo, hi in _chunks(param.numel()):
-        direction = _unpack(flat_vote[lo // 8:hi // 8], "signs")
-        _apply_direction(target[lo:hi], direction, lr, weight_decay)
+        n = hi - lo
+        index[:n // 8].copy_(flat_vote[lo // 8:hi // 8])
+        torch.index_select(table, 0, index[:n // 8], out=direction[:n // 8])
+        _apply_direction(target[lo:hi], direction[:n // 8].view(-1), lr, weight_decay)
         if master is not None:
             param[lo:hi].copy_(master[lo:hi])
 
@@ -148,11 +169,16 @@ def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: floa
 def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, weight_decay: float,
                   master: Tensor | None = None) -> None:
     target = param if master is None else master
+    steps = average_steps(world_size).to(param.device)
     for lo, hi in _chunks(param.numel()):
         count = torch.zeros(hi - lo, dtype=torch.int32, device=param.device)
         for i in range(counts.shape[0]):
             count += _unpack(counts[i, lo // 8:hi // 8], "bits").to(torch.int32) << i
-        direction = (2 * count - world_size).float() / world_size
-        _apply_direction(target[lo:hi], direction, lr, weight_decay)
+        _apply_direction(target[lo:hi], steps[count], lr, weight_decay)
         if master is not None:
             param[lo:hi].copy_(master[lo:hi])
+
+
+def average_steps(world_size: int) -> Tensor:
+    """Return fp32 (2k - N) / N for k = 0..N, divided on the CPU (a GPU divides by a reciprocal)."""
+    return reference.average_steps(world_size)
