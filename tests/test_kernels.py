@@ -27,6 +27,9 @@ def test_pack_signs_matches_reference(dtype, numel, parity):
     reference.pack_signs(grad, momentum, expected, beta1=0.9, parity=parity)
     torch_fast.pack_signs(grad, momentum, got, beta1=0.9, parity=parity)
     assert torch.equal(expected, got)
+    # the torch-ops packer (used off the CPU) gives the same bits
+    torch_fast.pack_into(grad, momentum, got.zero_(), beta1=0.9, parity=parity, packer=torch_fast._TorchPacker)
+    assert torch.equal(expected, got)
 
 
 def test_reference_pack_follows_the_formula():

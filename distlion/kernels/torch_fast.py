@@ -8,6 +8,7 @@ Results are bitwise equal to ``distlion.kernels.reference``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,23 +36,60 @@ def _pack_words(words: Tensor, out: Tensor) -> None:
 
 
 def pack_signs(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, parity: int) -> None:
-    pattern = _ZERO_PATTERN[parity % 2]
+    # numpy's comparisons and packbits run several times faster than torch's on CPU
+    pack_chunk = _NumpyPacker if grad.device.type == "cpu" else _TorchPacker
+    pack_into(grad, momentum, out, beta1=beta1, parity=parity, packer=pack_chunk)
+
+
+def pack_into(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, parity: int, packer: type) -> None:
+    """``pack_signs`` with a chosen ``packer`` class (the tests compare both)."""
     width = min(CHUNK, grad.numel())
     # scratch reused by every chunk: fresh large allocations would cost page faults
     c = torch.empty(width, dtype=torch.float32, device=grad.device)
-    positive = torch.empty(width, dtype=torch.bool, device=grad.device)
-    zero = torch.empty(width, dtype=torch.bool, device=grad.device)
-    words = torch.empty(width // 8, dtype=torch.int64, device=grad.device)
+    pack = packer(width, grad.device, parity)
     for lo, hi in _chunks(grad.numel()):
         n = hi - lo
         torch.mul(momentum[lo:hi].float(), beta1, out=c[:n])
         c[:n].add_(grad[lo:hi], alpha=1.0 - beta1)  # one fma, as the contract says
-        torch.gt(c[:n], 0, out=positive[:n])
-        torch.eq(c[:n], 0, out=zero[:n])
-        w = words[:n // 8]
-        torch.bitwise_and(zero[:n].view(torch.int64), pattern, out=w)
-        w.bitwise_or_(positive[:n].view(torch.int64))
-        _pack_words(w, out[lo // 8:hi // 8])
+        pack(c[:n], out[lo // 8:hi // 8])
+
+
+class _TorchPacker:
+    """Pack the signs of c (zero rule included) with torch ops on int64 words; any device."""
+
+    def __init__(self, width: int, device: torch.device, parity: int):
+        self.positive = torch.empty(width, dtype=torch.bool, device=device)
+        self.zero = torch.empty(width, dtype=torch.bool, device=device)
+        self.words = torch.empty(width // 8, dtype=torch.int64, device=device)
+        self.pattern = _ZERO_PATTERN[parity % 2]
+
+    def __call__(self, c: Tensor, out: Tensor) -> None:
+        n = c.numel()
+        positive, zero, words = self.positive[:n], self.zero[:n], self.words[:n // 8]
+        torch.gt(c, 0, out=positive)
+        torch.eq(c, 0, out=zero)
+        torch.bitwise_and(zero.view(torch.int64), self.pattern, out=words)
+        words.bitwise_or_(positive.view(torch.int64))
+        _pack_words(words, out)
+
+
+class _NumpyPacker:
+    """Pack the signs of c (zero rule included) with numpy; CPU tensors only."""
+
+    def __init__(self, width: int, device: torch.device, parity: int):
+        self.positive = np.empty(width, dtype=np.bool_)
+        self.zero = np.empty(width, dtype=np.bool_)
+        self.pattern = (np.arange(width) + parity) % 2 == 0  # chunks start at even indices
+
+    def __call__(self, c: Tensor, out: Tensor) -> None:
+        n = c.numel()
+        positive, zero = self.positive[:n], self.zero[:n]
+        values = c.numpy()
+        np.greater(values, 0, out=positive)
+        np.equal(values, 0, out=zero)
+        np.bitwise_and(zero, self.pattern[:n], out=zero)
+        np.bitwise_or(positive, zero, out=positive)
+        out.numpy()[:] = np.packbits(positive, bitorder="little")
 
 
 def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
