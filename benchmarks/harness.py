@@ -1,0 +1,242 @@
+"""What the benchmarks share: model sizes, launching workers, timed steps, results files.
+
+Each benchmark script is both the orchestrator and, with ``--worker``, the worker. The
+orchestrator starts workers with torchrun on loopback (``launch_local``) or, for the
+constrained link, with ``ip netns exec`` (``benchmarks/netlink.py``); workers join the
+process group from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and
+rank 0 writes its measurements as JSON to the path given with ``--result``.
+
+Three ways to train the same model, built side by side in one process group:
+
+- ``distlion``: DistLion, no DDP wrapper; its phase is ``optimizer.step()`` (pack,
+  exchange, vote, apply).
+- ``adamw_ddp``: DDP with DDP's fp32 all-reduce (counted by a comm hook) + foreach
+  AdamW, exactly as users run it: the all-reduce overlaps the backward pass. Its whole
+  step is the baseline step time.
+- ``adamw_ddp_phase``: the same DDP buckets and all-reduces, deferred until after the
+  backward pass (``launch.comm_hooks.DeferredAllReduce``), then AdamW.
+  Its phase, all-reduce + AdamW step, is the baseline's optimizer-plus-communication
+  time, measured the same way as DistLion's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from distlion import DistLion  # noqa: E402
+from launch.comm_hooks import HOOKS, AllReduceCounter, DeferredAllReduce, deferring_hook  # noqa: E402
+from launch.model import GPT, GPTConfig  # noqa: E402
+from launch.report import machine_info, today  # noqa: E402
+
+RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
+# Other work on the machine slows every timing: the results record the load before and after.
+LOAD_AT_START = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+# Byte-level GPTs by parameter count; "small" is the 3.85M-parameter size of DESIGN section 5.
+MODEL_SIZES = {
+    "tiny": GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32),       # 0.03M, smoke runs
+    "small": GPTConfig(n_layer=4, n_head=4, n_embd=280, block_size=128),    # 3.89M
+    "medium": GPTConfig(n_layer=6, n_head=8, n_embd=576, block_size=128),   # 24.2M
+    "large": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128),  # 85.2M
+}
+
+
+# ------------------------------------------------------------------------ orchestration
+
+def worker_env(rank: int, world_size: int, master_addr: str, master_port: int) -> dict[str, str]:
+    """Environment of one worker process (what torchrun would set), one thread each."""
+    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+            "OMP_NUM_THREADS": "1"}
+
+
+def launch_local(script: str, worker_args: list[str], world_size: int, timeout: float) -> dict:
+    """Run ``script --worker ARGS`` on ``world_size`` loopback processes with torchrun; return rank 0's JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "result.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+                   script, "--worker", "--result", result, *worker_args]
+        subprocess.run(command, check=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        with open(result) as f:
+            return json.load(f)
+
+
+def write_results(name: str, payload: dict, out_dir: str | None, smoke: bool) -> str:
+    """Write ``payload`` with date and machine to ``out_dir/NAME-DATE.json`` (smoke: NAME-smoke.json)."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}-smoke.json" if smoke else f"{name}-{today()}.json")
+    record = {"benchmark": name, "date": today(), "smoke": smoke,
+              "machine": {**machine_info(), "load_average_1m_at_start": LOAD_AT_START},
+              "command": " ".join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]), **payload}
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"results: {path}")
+    return path
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that it runs")
+    parser.add_argument("--out", default=None, metavar="DIR", help="results directory (default benchmarks/results)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+# ------------------------------------------------------------------------------ workers
+
+def join_group() -> tuple[int, int]:
+    """Join the gloo process group from the environment; return (rank, world_size)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def finish_worker(result_path: str, payload: dict) -> None:
+    if dist.get_rank() == 0:
+        with open(result_path, "w") as f:
+            json.dump(payload, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def make_batch(config: GPTConfig, batch_size: int, seq_len: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random bytes: the benchmarks time steps, not learning; each rank gets its own batch."""
+    generator = torch.Generator().manual_seed(1000 + rank)
+    tokens = torch.randint(0, 256, (batch_size, min(seq_len, config.block_size) + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+@dataclass
+class Trainer:
+    """One way to train: forward+backward, then the optimizer-plus-communication phase."""
+
+    name: str
+    forward_backward: Callable[[torch.Tensor, torch.Tensor], None]
+    phase: Callable[[], None]
+    bytes_sent: Callable[[], int]  # cumulative, this rank, counted per collective
+
+
+def _model(config: GPTConfig) -> GPT:
+    torch.manual_seed(0)  # the same initial weights on every rank
+    return GPT(config)
+
+
+def distlion_trainer(config: GPTConfig, *, vote: str = "majority", exchange: str = "auto",
+                     name: str = "distlion") -> Trainer:
+    model = _model(config)
+    optimizer = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1, vote=vote, exchange=exchange)
+
+    def forward_backward(x, y):
+        model(x, y)[1].backward()
+
+    def phase():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    return Trainer(name, forward_backward, phase, lambda: optimizer.comm_stats.bytes_sent)
+
+
+def adamw_ddp_trainer(config: GPTConfig, *, wire_dtype: str = "fp32", deferred: bool = False,
+                      name: str = "adamw_ddp") -> Trainer:
+    """DDP + foreach AdamW; ``deferred`` moves the all-reduce out of backward into the phase."""
+    model = _model(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, foreach=True)
+    counter = AllReduceCounter.for_group(None)
+    if not deferred:
+        ddp = DDP(model)
+        ddp.register_comm_hook(counter, HOOKS[wire_dtype])
+
+        def phase():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+    else:
+        if wire_dtype != "fp32":
+            raise ValueError(f"deferred all-reduce is fp32 only, got wire_dtype={wire_dtype!r}")
+        ddp = DDP(model, gradient_as_bucket_view=True)
+        deferred_allreduce = DeferredAllReduce(counter)
+        ddp.register_comm_hook(deferred_allreduce, deferring_hook)
+
+        def phase():
+            deferred_allreduce.run()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+
+    def forward_backward(x, y):
+        ddp(x, y)[1].backward()
+
+    return Trainer(name, forward_backward, phase, lambda: counter.bytes_sent)
+
+
+def timed_steps(trainer: Trainer, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> dict:
+    """Run ``steps`` steps; return per-step times (s) and bytes sent during them.
+
+    Every rank starts each step together (a barrier, outside the timed region), so a
+    step's time is not another rank's lag from the previous step.
+    """
+    totals, phases = [], []
+    sent_before = trainer.bytes_sent()
+    for _ in range(steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        trainer.forward_backward(*batch)
+        t1 = time.perf_counter()
+        trainer.phase()
+        t2 = time.perf_counter()
+        totals.append(t2 - t0)
+        phases.append(t2 - t1)
+    return {"step_s": totals, "phase_s": phases, "bytes_sent": trainer.bytes_sent() - sent_before}
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Median step and phase times (robust to a busy machine) and bytes per step."""
+    step_s = [t for s in samples for t in s["step_s"]]
+    phase_s = [t for s in samples for t in s["phase_s"]]
+    return {"step_s": statistics.median(step_s), "phase_s": statistics.median(phase_s),
+            "compute_s": statistics.median(a - b for a, b in zip(step_s, phase_s)),
+            "step_s_min": min(step_s), "phase_s_min": min(phase_s), "samples": len(step_s),
+            "bytes_sent_per_step": sum(s["bytes_sent"] for s in samples) / max(len(step_s), 1)}
+
+
+def interleaved(trainers: list[Trainer], batch, *, warmup: int, steps: int, rounds: int,
+                before: Callable[[str], None] | None = None, after: Callable[[str], dict] | None = None) -> dict:
+    """Time each trainer for ``rounds`` rounds of ``steps`` steps, interleaved, after ``warmup`` steps.
+
+    Interleaving spreads any slow period of the machine over all trainers. ``before`` and
+    ``after`` run around each timed block (e.g. to read network counters); ``after``'s
+    dict values are summed per trainer.
+    """
+    for trainer in trainers:
+        timed_steps(trainer, batch, warmup)
+    samples = {t.name: [] for t in trainers}
+    extra: dict[str, dict] = {t.name: {} for t in trainers}
+    for _ in range(rounds):
+        for trainer in trainers:
+            if before is not None:
+                before(trainer.name)
+            samples[trainer.name].append(timed_steps(trainer, batch, steps))
+            if after is not None:
+                for key, value in after(trainer.name).items():
+                    extra[trainer.name][key] = extra[trainer.name].get(key, 0) + value
+    return {name: {**summarize(s), **extra[name]} for name, s in samples.items()}

@@ -1,0 +1,101 @@
+"""Step time on loopback gloo: DistLion against DDP all-reduce + foreach AdamW, same run.
+
+4 local ranks (gloo over loopback, where bandwidth is nearly free, so this measures
+the cost of DistLion's packing, voting and applying against AdamW's all-reduce and
+update). A GPT of 3.89M parameters by default (``--size medium``: 24.2M). Per step:
+
+- phase: the optimizer-plus-communication phase. DistLion: ``optimizer.step()``
+  (pack, exchange, vote, apply). AdamW: DDP's bucket all-reduces run after backward,
+  then ``AdamW.step()`` (see ``harness.py``).
+- step: the whole step, forward + backward + phase; AdamW's is DDP as users run it,
+  all-reduce overlapped with backward.
+
+Medians over interleaved rounds; the ratios are AdamW / DistLion (above 1: DistLion
+faster). DESIGN section 5 target: phase no slower than AdamW + DDP, aim 1.5x faster::
+
+    python benchmarks/step_time.py                  # 3.89M params, 4 ranks (~2 min)
+    python benchmarks/step_time.py --size medium    # 24.2M params
+    python benchmarks/step_time.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+
+TRAINERS = ("distlion", "adamw_ddp", "adamw_ddp_phase")
+
+
+def build_trainers(config, exchange: str = "auto") -> list[harness.Trainer]:
+    """DistLion, DDP + AdamW as users run it, and the same with its all-reduce in the phase."""
+    return [harness.distlion_trainer(config, exchange=exchange),
+            harness.adamw_ddp_trainer(config),
+            harness.adamw_ddp_trainer(config, deferred=True, name="adamw_ddp_phase")]
+
+
+def ratios(timings: dict) -> dict:
+    """AdamW / DistLion for the phase and the whole step (above 1: DistLion is faster)."""
+    lion = timings["distlion"]
+    return {"phase_adamw_over_distlion": timings["adamw_ddp_phase"]["phase_s"] / lion["phase_s"],
+            "step_adamw_over_distlion": timings["adamw_ddp"]["step_s"] / lion["step_s"],
+            "bytes_adamw_over_distlion": timings["adamw_ddp"]["bytes_sent_per_step"] / lion["bytes_sent_per_step"]}
+
+
+def print_timings(timings: dict, title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'trainer':18s} {'phase ms':>9} {'step ms':>9} {'compute ms':>11} {'bytes/step/rank':>16}")
+    for name, t in timings.items():
+        print(f"{name:18s} {t['phase_s'] * 1e3:9.1f} {t['step_s'] * 1e3:9.1f} {t['compute_s'] * 1e3:11.1f} "
+              f"{t['bytes_sent_per_step']:16,.0f}")
+    r = ratios(timings)
+    print(f"AdamW + DDP / DistLion: phase {r['phase_adamw_over_distlion']:.2f}x, "
+          f"whole step {r['step_adamw_over_distlion']:.2f}x, bytes {r['bytes_adamw_over_distlion']:.1f}x")
+
+
+def worker(args: argparse.Namespace) -> None:
+    rank, world_size = harness.join_group()
+    config = harness.MODEL_SIZES[args.size]
+    batch = harness.make_batch(config, args.batch_size, args.seq_len, rank)
+    timings = harness.interleaved(build_trainers(config), batch, warmup=args.warmup, steps=args.steps,
+                                  rounds=args.rounds)
+    harness.finish_worker(args.result, {"world_size": world_size, "timings": timings})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(harness.MODEL_SIZES), default="small")
+    parser.add_argument("--world_size", type=harness.positive_int, default=4)
+    parser.add_argument("--batch_size", type=harness.positive_int, default=2, help="sequences per rank")
+    parser.add_argument("--seq_len", type=harness.positive_int, default=64)
+    parser.add_argument("--warmup", type=harness.positive_int, default=3)
+    parser.add_argument("--steps", type=harness.positive_int, default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=harness.positive_int, default=5)
+    harness.add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.world_size, args.warmup, args.steps, args.rounds = "tiny", 2, 1, 2, 1
+    worker_args = ["--size", args.size, "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
+                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--rounds", str(args.rounds)]
+    if args.worker:
+        return worker(args)
+    if args.world_size < 2:
+        parser.error(f"--world_size {args.world_size}: use at least 2 ranks")
+    measured = harness.launch_local(os.path.abspath(__file__), worker_args, args.world_size, timeout=900)
+    config = harness.MODEL_SIZES[args.size]
+    title = (f"{args.world_size} ranks, gloo loopback, GPT of {config.num_parameters:,} parameters, batch "
+             f"{args.batch_size}x{args.seq_len} per rank (medians)")
+    print_timings(measured["timings"], title)
+    payload = {"model": args.size, "num_parameters": config.num_parameters, "world_size": args.world_size,
+               "batch_size": args.batch_size, "seq_len": args.seq_len, "steps_per_round": args.steps,
+               "rounds": args.rounds, "timings": measured["timings"], "ratios": ratios(measured["timings"])}
+    harness.write_results(f"step_time-{args.size}", payload, args.out, args.smoke)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

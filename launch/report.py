@@ -1,0 +1,144 @@
+"""Compare training runs: a terminal table, ``report.json`` and ``report.png``.
+
+Every number comes from the runs' ``metrics.json`` (written by ``launch/train.py``);
+nothing here is a formula. ``machine_info()`` describes the machine for the reports
+and the benchmarks (processor and cores, never the host name).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+import torch
+
+BASELINE = "adamw"
+
+
+def machine_info() -> dict:
+    """Describe this machine and software for a results file: no host name, no paths."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine skews timings
+    except (OSError, ValueError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def _label(metrics: dict) -> str:
+    if metrics["optimizer"] == "distlion":
+        return f"DistLion ({metrics['vote']})"
+    return {"adamw": "AdamW + DDP", "lion": "Lion + DDP"}.get(metrics["optimizer"], metrics["optimizer"])
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def comparison(runs: dict[str, dict]) -> dict:
+    """Return the table's numbers: per run, plus the ratios against the AdamW run when there is one."""
+    baseline = runs.get(BASELINE)
+    rows = {}
+    for name, m in runs.items():
+        per_step = m["bytes_sent_per_step"]
+        row = {
+            "label": _label(m),
+            "final_val_loss": m["final_val_loss"],
+            "bytes_sent_per_worker_per_step": per_step,
+            "total_bytes_sent_all_workers": m["bytes_sent"] * m["world_size"] if m["bytes_sent"] is not None
+            else None,
+            "step_time_s": m["step_time_s"],
+            "wall_time_s": m["wall_time_s"],
+            "parameters_identical": m["parameters_identical"],
+        }
+        if baseline is not None and baseline["bytes_sent_per_step"] and per_step:
+            row["bytes_ratio_adamw_over_this"] = baseline["bytes_sent_per_step"] / per_step
+        if baseline is not None:
+            row["val_loss_vs_adamw_percent"] = 100.0 * (m["final_val_loss"] / baseline["final_val_loss"] - 1.0)
+        rows[name] = row
+    return rows
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Return the comparison as a fixed-width text table."""
+    header = ("optimizer", "final val loss", "vs AdamW", "sent/worker/step", "total sent", "AdamW/this bytes",
+              "time/step")
+    lines = [header]
+    for row in rows.values():
+        ratio = row.get("bytes_ratio_adamw_over_this")
+        delta = row.get("val_loss_vs_adamw_percent")
+        lines.append((row["label"], f"{row['final_val_loss']:.4f}", "" if delta is None else f"{delta:+.2f}%",
+                      _bytes(row["bytes_sent_per_worker_per_step"]), _bytes(row["total_bytes_sent_all_workers"]),
+                      "" if ratio is None else f"{ratio:.1f}x", f"{row['step_time_s'] * 1e3:.0f} ms"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    text.insert(1, "-" * len(text[0]))
+    return "\n".join(text)
+
+
+def plot(runs: dict[str, dict], path: str) -> bool:
+    """Draw validation loss against step and against bytes sent; False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (by_step, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in runs.values():
+        history = m["history"]
+        steps = [h["step"] for h in history]
+        losses = [h["val_loss"] for h in history]
+        line, = by_step.plot(steps, losses, marker=".", label=_label(m))
+        sent = [(h["bytes_sent"], h["val_loss"]) for h in history if h["bytes_sent"]]
+        if sent:
+            by_bytes.plot([s for s, _ in sent], [v for _, v in sent], marker=".", color=line.get_color(),
+                          label=_label(m))
+    first = next(iter(runs.values()))
+    by_step.set(xlabel="step", ylabel="validation loss (nats/byte)",
+                title=f"{first['world_size']} workers, equal steps and data")
+    by_bytes.set(xscale="log", xlabel="bytes sent per worker (cumulative, log scale)",
+                 ylabel="validation loss (nats/byte)", title="loss against communication")
+    for axis in (by_step, by_bytes):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(runs: dict[str, dict], out: str, extra: dict | None = None) -> dict:
+    """Write ``report.json`` and ``report.png`` to ``out``; return the report."""
+    os.makedirs(out, exist_ok=True)
+    report = {"date": today(), "machine": machine_info(), "command": " ".join([os.path.basename(sys.argv[0])]
+                                                                                + sys.argv[1:]),
+              **(extra or {}), "comparison": comparison(runs), "runs": runs}
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    report["plotted"] = plot(runs, os.path.join(out, "report.png"))
+    return report

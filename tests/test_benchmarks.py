@@ -1,0 +1,117 @@
+"""Every benchmark runs in its smoke mode (tiny sizes) and writes its JSON: they cannot rot.
+
+No assertion on times; the byte counts are exact and are checked.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import netlink  # noqa: E402
+import scaling  # noqa: E402
+
+
+def run_benchmark(name: str, out, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", f"{name}.py"), "--smoke", "--out",
+                             str(out), *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def load(out, name: str) -> dict:
+    record = json.loads((out / f"{name}-smoke.json").read_text())
+    assert record["smoke"] is True and record["machine"]["logical_cores"] >= 1
+    return record
+
+
+@pytest.mark.timeout(180)
+def test_comm_volume_smoke(tmp_path):
+    result = run_benchmark("comm_volume", tmp_path, timeout=170)
+    rows = {r["config"]: r for r in load(tmp_path, "comm_volume")["rows"]}
+    assert set(rows) == {"distlion_two_phase_majority", "distlion_all_gather_majority", "distlion_two_phase_average",
+                         "distlion_all_gather_average", "ddp_fp32", "ddp_bf16"}
+    assert rows["ddp_fp32"]["bytes_per_step_per_rank"] == rows["ddp_fp32"]["ideal_bytes"]
+    assert rows["ddp_bf16"]["ratio_ddp_fp32_over_this"] == 2.0
+    for name in ("distlion_two_phase_majority", "distlion_all_gather_majority"):
+        # Measured is the ideal plus padding and the 8-byte flag: within 1% at 22k parameters.
+        assert rows[name]["ideal_bytes"] <= rows[name]["bytes_per_step_per_rank"] <= 1.01 * rows[name]["ideal_bytes"]
+        assert rows[name]["ratio_ddp_fp32_over_this"] > 30
+    assert "DDP fp32 / this" in result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_step_time_smoke(tmp_path):
+    result = run_benchmark("step_time", tmp_path, timeout=170)
+    record = load(tmp_path, "step_time-tiny")
+    assert set(record["timings"]) == {"distlion", "adamw_ddp", "adamw_ddp_phase"}
+    for timing in record["timings"].values():
+        assert timing["step_s"] >= timing["phase_s"] > 0
+    ratios = record["ratios"]
+    assert ratios["bytes_adamw_over_distlion"] > 30 and ratios["phase_adamw_over_distlion"] > 0
+    assert "AdamW + DDP / DistLion" in result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_step_breakdown_smoke(tmp_path):
+    result = run_benchmark("step_breakdown", tmp_path, timeout=170)
+    record = load(tmp_path, "step_breakdown-tiny")
+    assert {"pack signs", "all_to_all packed signs", "unpack + apply"} <= set(record["distlion_ms"])
+    assert set(record["adamw_ddp_ms"]) == {"all_reduce fp32 gradients", "AdamW foreach step"}
+    assert "DistLion step (two-phase, majority)" in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_scaling_smoke(tmp_path):
+    run_benchmark("scaling", tmp_path, timeout=50)
+    record = load(tmp_path, "scaling")
+    assert {r["world_size"] for r in record["rows"]} == {8, 16}
+    assert (tmp_path / "scaling-smoke.png").exists()
+
+
+@pytest.mark.timeout(30)
+def test_scaling_model_ideal_ratios():
+    ideal = {"alpha_s": 0.0, "bytes_factor": {s: 1.0 for s in scaling.SCHEMES}, "efficiency": 1.0,
+             "wire_overhead": 1.0}
+    fp32 = scaling.comm_time("allreduce_fp32", 1e9, 64, 100, ideal)
+    assert fp32 == pytest.approx(2 * 63 / 64 * 4e9 * 8 / 100e9)
+    assert fp32 / scaling.comm_time("distlion_two_phase", 1e9, 64, 100, ideal) == pytest.approx(32)
+    assert scaling.comm_time("distlion_all_gather", 1e9, 64, 100, ideal) == pytest.approx(63 * 1e9 / 8 * 8 / 100e9)
+
+
+@pytest.mark.timeout(240)
+def test_convergence_smoke(tmp_path):
+    result = run_benchmark("convergence", tmp_path, timeout=230)
+    record = load(tmp_path, "convergence")
+    assert set(record["summary"]) == {"distlion_majority", "distlion_average", "lion_global", "adamw"}
+    for variant, summary in record["summary"].items():
+        assert summary["n"] == 1 and summary["std"] == 0.0
+    assert record["settings"]["distlion_majority"]["lr"] < record["settings"]["adamw"]["lr"]
+    assert "vs AdamW" in result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_netlink_smoke_or_clean_skip(tmp_path):
+    reason = netlink.cannot_run()
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "netlink.py"), "--smoke", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout \
+        if reason is None else ""
+    assert "dl-bench-" not in leftovers  # it removed what it created
+    if reason is not None:
+        assert netlink.SKIP_PREFIX in result.stdout and reason in result.stdout
+        assert not list(tmp_path.iterdir())
+        return
+    record = load(tmp_path, "netlink")
+    (run,) = record["runs"]
+    assert run["world_size"] == 2 and run["rate"] == "1gbit"
+    # The interfaces saw at least the payload the counters claim, for both trainers.
+    for name in ("distlion", "adamw_ddp"):
+        assert run[name]["wire_tx_bytes_per_step"] >= run[name]["bytes_sent_per_step"]
+    assert run["ratios"]["counted_bytes_adamw_over_distlion"] > 30
