@@ -116,6 +116,7 @@ class DistLion(torch.optim.Optimizer):
         self._step = 0
         self.overflow = False  # True after a step that every rank skipped
         self._warned_skip = False
+        self._pending_tensors: dict | None = None  # loaded before a re-layout, applied by it
         self._build(previous=None)
 
     # ------------------------------------------------------------------ layout
@@ -159,6 +160,7 @@ class DistLion(torch.optim.Optimizer):
             self._param_views.append(views)
             self._grad_views.append(slot_views(buffers.grads, bucket))
             self._bucket_params.append(members)
+        self._laid_out = params
         self._data_ptrs = [p.data_ptr() for p in params]
         bucket_bytes = [bucket.padded_numel // 8 for bucket in self.layout.buckets]
         device = self.layout.buckets[0].device if self.layout.buckets else torch.device("cpu")
@@ -177,22 +179,27 @@ class DistLion(torch.optim.Optimizer):
             master=torch.zeros(n, dtype=torch.float32, device=dev) if low_precision else None,
         )
 
+    def _layout_is_current(self) -> bool:
+        return [p.data_ptr() for p in self._params_in_order()] == self._data_ptrs
+
     def _ensure_layout(self) -> None:
         """Re-lay out if the parameters were moved or replaced since the layout was built.
 
         Wrappers do this: ``model.to(device)`` after the optimizer was built, or
-        DeepSpeed swapping in fp32 copies of bf16 parameters. Momentum is carried over.
+        DeepSpeed swapping in fp32 copies of bf16 parameters. Momentum is carried over by
+        parameter position, and a state loaded meanwhile is applied now.
         """
-        params = self._params_in_order()
-        if [p.data_ptr() for p in params] == self._data_ptrs:
+        if self._layout_is_current():
             return
         logger.info("DistLion: parameters were moved or replaced; rebuilding the bucket layout")
-        previous = {}
-        for index, param in enumerate(params):
-            state = self.state.pop(param, None) or {}
-            previous[index] = {key: value.to(param.device).clone() for key, value in state.items()}
+        params = self._params_in_order()
+        previous = {index: {key: value.to(params[index].device).clone() for key, value in self.state[old].items()}
+                    for index, old in enumerate(self._laid_out) if index < len(params) and old in self.state}
         self.state.clear()
         self._build(previous)
+        if self._pending_tensors is not None:
+            self._load_tensors(self._pending_tensors)
+            self._pending_tensors = None
 
     # -------------------------------------------------------------------- step
 
@@ -292,8 +299,18 @@ class DistLion(torch.optim.Optimizer):
 
             torch.save(opt.state_dict(), f"{ckpt}/distlion_rank{dist.get_rank()}.pt")
         """
-        self._ensure_layout()  # parameters replaced since the last step: state is keyed by the new ones
-        state = super().state_dict()
+        # Indexed by parameter position in the layout, not by parameter object: a wrapper
+        # may have moved or replaced the parameters since (no re-layout here, it would
+        # turn the parameters back into bucket views while the wrapper is still at work).
+        groups, start = [], 0
+        for group in self.param_groups:
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": list(range(start, start + len(group["params"])))})
+            start += len(group["params"])
+        tensors = self._pending_tensors  # loaded, not yet applied: they are the current state
+        if tensors is None:
+            tensors = {i: dict(self.state[p]) for i, p in enumerate(self._laid_out) if p in self.state}
+        state = {"state": tensors, "param_groups": groups}
         state["distlion"] = {
             "format": STATE_FORMAT,
             "rank": self.rank,
@@ -306,10 +323,12 @@ class DistLion(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by ``state_dict()`` on this rank, checking it belongs here."""
-        # Lay out the current parameters first: a stale layout would fail the signature
-        # check, or drop the momentum of replaced parameters.
-        self._ensure_layout()
+        """Load a state saved by ``state_dict()`` on this rank, checking it belongs here.
+
+        If the parameters were moved or replaced since the layout was built, the tensors
+        are applied by the re-layout at the next ``step()`` (or ``state_dict()``), so the
+        parameters are not re-laid out while a wrapper may still be loading their values.
+        """
         meta = state_dict.get("distlion")
         if meta is None:
             raise ValueError("This optimizer state was not saved by DistLion (no 'distlion' section). DistLion "
@@ -321,9 +340,10 @@ class DistLion(torch.optim.Optimizer):
         if meta["rank"] != self.rank:
             raise ValueError(f"DistLion state of rank {meta['rank']} was given to rank {self.rank}: "
                              f"load the file this rank saved.")
-        if meta["layout"] != self.layout.signature():
+        current = build_layout(self.param_groups, self.world_size, self.defaults["bucket_cap_mb"])
+        if meta["layout"] != current.signature():
             raise ValueError(f"DistLion state layout {meta['layout'][:12]} does not match this optimizer's "
-                             f"({self.layout.describe()}): the model or param groups differ from the saved run.")
+                             f"({current.describe()}): the model or param groups differ from the saved run.")
         if meta.get("vote", self.vote) != self.vote:
             raise ValueError(f"DistLion state was saved with vote={meta['vote']!r}, this optimizer has "
                              f"vote={self.vote!r}.")
@@ -335,16 +355,23 @@ class DistLion(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key != "params":
                     group[key] = tuple(value) if key == "betas" else value
-        params = self._params_in_order()
-        for index, saved_state in state_dict["state"].items():
-            target = self.state[params[int(index)]]
-            for key, value in saved_state.items():
-                if key in target:
-                    target[key].copy_(value)
+        if self._layout_is_current():
+            self._load_tensors(state_dict["state"])
+        else:
+            self._pending_tensors = state_dict["state"]
         self._step = int(meta["step"])
         stats = meta.get("comm_stats", {})
         for key in ("steps", "skipped_steps", "bytes_sent", "bytes_received", "allreduce_fp32_bytes"):
             setattr(self.comm_stats, key, int(stats.get(key, 0)))
+
+    def _load_tensors(self, saved: dict) -> None:
+        """Copy saved per-parameter tensors (momentum, master weights) into the buckets."""
+        params = self._params_in_order()
+        for index, saved_state in saved.items():
+            target = self.state[params[int(index)]]
+            for key, value in saved_state.items():
+                if key in target:
+                    target[key].copy_(value)
 
 
 # --------------------------------------------------------------------- helpers

@@ -188,3 +188,24 @@ def test_moving_parameters_after_construction_keeps_state():
         assert torch.equal(a, b)  # momentum was carried over
     flat = opt._buffers[0].params
     assert flat.data_ptr() <= model[3].weight.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
+
+
+def test_state_loaded_after_parameters_were_replaced_is_applied_at_the_next_step():
+    batches = _batches(8)
+    model, reference = _model(), _model()
+    opt, reference_opt = DistLion(model.parameters(), lr=1e-2), DistLion(reference.parameters(), lr=1e-2)
+    _train(model, opt, batches[:4])
+    _train(reference, reference_opt, batches[:4])
+    saved = copy.deepcopy(opt.state_dict())
+
+    fresh = _model(seed=3)
+    fresh_opt = DistLion(fresh.parameters(), lr=1e-2)
+    for param in fresh.parameters():  # a wrapper moves the parameters out of the buckets...
+        param.data = param.data.clone()
+    fresh_opt.load_state_dict(saved)  # ...the optimizer state is loaded...
+    fresh.load_state_dict(model.state_dict())  # ...then the weights, into the moved parameters
+    assert all(p.data_ptr() != v.data_ptr() for p, v in zip(fresh.parameters(), fresh_opt._param_views[0]))
+    _train(fresh, fresh_opt, batches[4:])
+    _train(reference, reference_opt, batches[4:])
+    for a, b in zip(reference.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
