@@ -91,10 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
     report = write_report(runs, args.out, extra={"demo_wall_time_s": elapsed, "smoke": args.smoke})
 
     print("\n" + format_table(report["comparison"]))
-    lion, adamw = report["comparison"]["distlion"], report["comparison"]["adamw"]
-    print(f"\nDistLion sent {lion['bytes_ratio_adamw_over_this']:.1f}x fewer bytes than AdamW + DDP; final "
-          f"validation loss {lion['val_loss_vs_adamw_percent']:+.2f}% relative to AdamW. Parameters identical on "
-          f"all ranks: {lion['parameters_identical']}.")
+    lion = report["comparison"]["distlion"]
+    ratio = lion.get("bytes_ratio_adamw_over_this")
+    sent = f"DistLion sent {ratio:.1f}x fewer bytes than AdamW + DDP" if ratio else "One worker sends nothing"
+    print(f"\n{sent}; final validation loss {lion['val_loss_vs_adamw_percent']:+.2f}% relative to AdamW. "
+          f"Parameters identical on all ranks: {lion['parameters_identical']}.")
     print(f"Demo wall time {elapsed:.0f} s. Report: {os.path.join(args.out, 'report.json')}"
           + (f", plot: {os.path.join(args.out, 'report.png')}" if report["plotted"] else
              " (install matplotlib for report.png)"))
