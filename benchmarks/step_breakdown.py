@@ -1,12 +1,12 @@
-"""Where the optimizer-plus-communication phase spends its time, stage by stage.
+"""Where the optimizer-plus-communication phase spends its time, inside the real step.
 
-Times every stage of DistLion's step alone, on N loopback gloo ranks, at the size of a
-GPT's parameters: the kernels (``distlion.kernels.kernels_for("cpu")``: non-finite
-check, pack, vote, momentum update, unpack + apply) and the two-phase exchange's
-collectives (all_to_all of the packed signs, all_gather of the voted chunks), next to
-AdamW + DDP's: the fp32 all-reduce of the gradients and the foreach AdamW update.
-Medians over repeats; the stages are what ``DistLion.step()`` runs, called one by one,
-so their sum is close to, not exactly, the measured phase of ``step_time.py``::
+Runs the phase of ``step_time.py`` (DistLion's ``optimizer.step()``; AdamW + DDP's
+deferred all-reduce then ``AdamW.step()``) on N loopback gloo ranks, with a timer
+around every kernel of ``distlion.kernels.kernels_for("cpu")`` and every
+torch.distributed collective, so each stage is timed where it runs, with the caches and
+the waits of a real step (a collective's time includes waiting for the slowest rank).
+``rest`` is what no timer covered: Python, copies into and out of the exchange buffers,
+gathering gradients into the buckets, and for AdamW its whole update::
 
     python benchmarks/step_breakdown.py                  # 3.89M params, 4 ranks
     python benchmarks/step_breakdown.py --size medium    # 24.2M params
@@ -16,6 +16,8 @@ so their sum is close to, not exactly, the measured phase of ``step_time.py``::
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import os
 import statistics
 import sys
@@ -27,95 +29,104 @@ import harness  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from distlion.comm.exchange import FLAG_BYTES  # noqa: E402
 from distlion.kernels import kernels_for  # noqa: E402
-from distlion.layout import COORDS_PER_WORD  # noqa: E402
-from launch.model import GPT  # noqa: E402
+
+KERNELS = ("nonfinite", "pack_signs", "majority_vote", "vote_counts", "update_momentum", "apply_majority",
+           "apply_average")
+COLLECTIVES = ("all_to_all_single", "all_gather_single", "all_gather_into_tensor", "all_reduce")
 
 
-def _median_ms(fn, repeats: int, barrier: bool) -> float:
-    fn()  # warm-up: allocations, lookup tables
-    times = []
-    for _ in range(repeats):
-        if barrier:
-            dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+@contextlib.contextmanager
+def stage_timers(totals: dict[str, float]):
+    """Add each wrapped function's time to ``totals[name]`` while the context is open."""
+    targets = [(kernels_for(torch.device("cpu")), KERNELS), (dist, COLLECTIVES)]
+    originals = []
+    for module, names in targets:
+        for name in names:
+            function = getattr(module, name, None)
+            if function is None:
+                continue
+
+            def timed(*args, _function=function, _name=name, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _function(*args, **kwargs)
+                finally:
+                    totals[_name] += time.perf_counter() - start
+
+            originals.append((module, name, function))
+            setattr(module, name, timed)
+    try:
+        yield totals
+    finally:
+        for module, name, function in originals:
+            setattr(module, name, function)
+
+
+def breakdown(trainer: harness.Trainer, batch, steps: int) -> dict[str, float]:
+    """Median ms per stage of ``trainer.phase()`` over ``steps`` steps (all ranks start it together)."""
+    samples: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(steps):
+        trainer.forward_backward(*batch)
+        dist.barrier()
+        totals: dict[str, float] = collections.defaultdict(float)
+        start = time.perf_counter()
+        with stage_timers(totals):
+            trainer.phase()
+        total = time.perf_counter() - start
+        for name, seconds in totals.items():
+            samples[name].append(seconds)
+        samples["rest"].append(total - sum(totals.values()))
+        samples["total"].append(total)
+    return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
 
 
 def worker(args: argparse.Namespace) -> None:
-    rank, n = harness.join_group()
+    rank, world_size = harness.join_group()
     config = harness.MODEL_SIZES[args.size]
-    multiple = COORDS_PER_WORD * n
-    d = -(-config.num_parameters // multiple) * multiple  # padded like a DistLion bucket
-    chunk = d // 8 // n
-    kernels = kernels_for(torch.device("cpu"))
-    generator = torch.Generator().manual_seed(rank)
-    grads = torch.randn(d, generator=generator)
-    momentum = torch.randn(d, generator=generator)
-    params = torch.randn(d, generator=generator)
-    bits = torch.empty(d // 8, dtype=torch.uint8)
-    send = torch.zeros(n, chunk + FLAG_BYTES, dtype=torch.uint8)
-    recv = torch.empty_like(send)
-    packed = torch.randint(0, 256, (n, chunk), dtype=torch.uint8, generator=generator)
-    chunk_vote = torch.empty(1, chunk, dtype=torch.uint8)
-    gathered = torch.empty(n, 1, chunk, dtype=torch.uint8)
-    voted = torch.randint(0, 256, (d // 8,), dtype=torch.uint8, generator=generator)
-    model = GPT(config)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    flat_grads = torch.randn(config.num_parameters, generator=generator)
-
-    r = args.repeats
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-    distlion = {
-        "gather grads into the bucket (copy)": _median_ms(lambda: params.copy_(grads), r, False),
-        "non-finite check": _median_ms(lambda: kernels.nonfinite(grads), r, False),
-        "pack signs": _median_ms(lambda: kernels.pack_signs(grads, momentum, bits, beta1=0.9, parity=1), r, False),
-        "all_to_all packed signs": _median_ms(lambda: dist.all_to_all_single(recv, send), r, True),
-        "majority vote (own chunk)": _median_ms(
-            lambda: kernels.majority_vote(packed, chunk_vote[0], casting_rank=0), r, False),
-        "all_gather voted chunks": _median_ms(
-            lambda: all_gather(gathered.view(-1), chunk_vote.view(-1)), r, True),
-        "update momentum": _median_ms(lambda: kernels.update_momentum(grads, momentum, beta2=0.99), r, False),
-        "unpack + apply": _median_ms(lambda: kernels.apply_majority(params, voted, lr=1e-4, weight_decay=0.1), r,
-                                     False),
-    }
-    baseline = {
-        "all_reduce fp32 gradients": _median_ms(lambda: dist.all_reduce(flat_grads), r, True),
-        "AdamW foreach step": _median_ms(adamw.step, r, False),
-    }
-    harness.finish_worker(args.result, {"world_size": n, "padded_numel": d, "distlion_ms": distlion,
-                                        "adamw_ddp_ms": baseline})
+    batch = harness.make_batch(config, args.batch_size, args.seq_len, rank)
+    trainers = [harness.distlion_trainer(config),
+                harness.adamw_ddp_trainer(config, deferred=True, name="adamw_ddp_phase")]
+    for trainer in trainers:  # warm-up: allocations, lookup tables
+        harness.timed_steps(trainer, batch, 2)
+    stages = {trainer.name: breakdown(trainer, batch, args.steps) for trainer in trainers}
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, stages)
+    harness.finish_worker(args.result, {"world_size": world_size, "per_rank": everyone})
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(harness.MODEL_SIZES), default="small")
     parser.add_argument("--world_size", type=harness.positive_int, default=4)
-    parser.add_argument("--repeats", type=harness.positive_int, default=15)
+    parser.add_argument("--batch_size", type=harness.positive_int, default=2, help="sequences per rank")
+    parser.add_argument("--seq_len", type=harness.positive_int, default=64)
+    parser.add_argument("--steps", type=harness.positive_int, default=10)
     harness.add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.size, args.world_size, args.repeats = "tiny", 2, 2
+        args.size, args.world_size, args.steps = "tiny", 2, 2
     if args.worker:
         return worker(args)
     if args.world_size < 2:
         parser.error(f"--world_size {args.world_size}: use at least 2 ranks")
-    measured = harness.launch_local(os.path.abspath(__file__), ["--size", args.size, "--repeats", str(args.repeats)],
-                                    args.world_size, timeout=600)
+    worker_args = ["--size", args.size, "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
+                   "--steps", str(args.steps)]
+    measured = harness.launch_local(os.path.abspath(__file__), worker_args, args.world_size, timeout=600)
+    ranks = measured["per_rank"]
+    # The mean over ranks of each rank's median: every rank runs every stage.
+    stages = {name: {stage: statistics.mean(r[name].get(stage, 0.0) for r in ranks) for stage in ranks[0][name]}
+              for name in ranks[0]}
     config = harness.MODEL_SIZES[args.size]
-    print(f"\n{args.world_size} ranks, gloo loopback, {config.num_parameters:,} parameters (rank 0, median ms)")
-    for title, stages in (("DistLion step (two-phase, majority)", measured["distlion_ms"]),
-                          ("AdamW + DDP", measured["adamw_ddp_ms"])):
-        print(f"{title}: {sum(stages.values()):.1f} ms")
-        for stage, ms in stages.items():
-            print(f"  {stage:38s} {ms:8.2f}")
+    print(f"\n{args.world_size} ranks, gloo loopback, {config.num_parameters:,} parameters "
+          f"(ms per step, mean over ranks of per-rank medians)")
+    for name, times in stages.items():
+        print(f"{name}: {times['total']:.1f} ms")
+        for stage, ms in sorted(times.items(), key=lambda item: -item[1]):
+            if stage != "total":
+                print(f"  {stage:24s} {ms:8.2f}  {100 * ms / times['total']:5.1f}%")
     payload = {"model": args.size, "num_parameters": config.num_parameters, "world_size": args.world_size,
-               "repeats": args.repeats, **{k: v for k, v in measured.items() if k != "world_size"}}
+               "steps": args.steps, "stages_ms": stages, "per_rank_ms": ranks}
     harness.write_results(f"step_breakdown-{args.size}", payload, args.out, args.smoke)
     return payload
 

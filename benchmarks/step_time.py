@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq_len", type=harness.positive_int, default=64)
     parser.add_argument("--warmup", type=harness.positive_int, default=3)
     parser.add_argument("--steps", type=harness.positive_int, default=10, help="timed steps per round")
-    parser.add_argument("--rounds", type=harness.positive_int, default=5)
+    parser.add_argument("--rounds", type=harness.positive_int, default=3)
     harness.add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.smoke:

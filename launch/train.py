@@ -65,10 +65,11 @@ OPTIMIZERS = ("distlion", "adamw", "lion")
 # larger (every coordinate of a sign update moves by the full lr). Here lr 3x smaller and
 # weight decay 3x larger, so lr * weight_decay equals AdamW's. beta2 = 0.999 instead of
 # Lion's usual 0.99: over a few hundred steps the zero-initialised momentum then stays
-# small and the sign follows the fresh gradient more. Measured on the demo task (4
-# workers, 300 steps, seed 0): with beta2 = 0.99 the best lr (3e-4) ended 7% above
-# AdamW, and larger lrs stalled near 2.88; with 0.999, lr 6e-4 matched AdamW and 1e-3
-# ended 0.6% below it.
+# small and the sign follows the fresh gradient more. Chosen by a sweep on the demo task
+# (4 workers, 300 steps, seed 0; benchmarks/results/lion_sweep-*.json): with beta2 = 0.99
+# the best lr (3e-4) ended 7% above AdamW and larger lrs stalled near 2.88; with 0.999,
+# lr 1e-3 ended 0.6% below AdamW. Seed 0 is AdamW's worst of three, though: over seeds
+# 0-2 DistLion ends 9% above AdamW (benchmarks/results/convergence-*.json).
 DEFAULT_HYPERPARAMETERS = {
     "adamw": {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)},
     "distlion": {"lr": 1e-3, "weight_decay": 0.3, "betas": (0.9, 0.999)},

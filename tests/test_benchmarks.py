@@ -61,9 +61,12 @@ def test_step_time_smoke(tmp_path):
 def test_step_breakdown_smoke(tmp_path):
     result = run_benchmark("step_breakdown", tmp_path, timeout=170)
     record = load(tmp_path, "step_breakdown-tiny")
-    assert {"pack signs", "all_to_all packed signs", "unpack + apply"} <= set(record["distlion_ms"])
-    assert set(record["adamw_ddp_ms"]) == {"all_reduce fp32 gradients", "AdamW foreach step"}
-    assert "DistLion step (two-phase, majority)" in result.stdout
+    lion, adamw = record["stages_ms"]["distlion"], record["stages_ms"]["adamw_ddp_phase"]
+    # Two ranks: the all-gather exchange; every stage of the real step was timed.
+    assert {"nonfinite", "pack_signs", "all_gather_single", "majority_vote", "update_momentum", "apply_majority",
+            "rest", "total"} <= set(lion)
+    assert {"all_reduce", "rest", "total"} == set(adamw)
+    assert "distlion:" in result.stdout and "adamw_ddp_phase:" in result.stdout
 
 
 @pytest.mark.timeout(60)
@@ -86,12 +89,13 @@ def test_scaling_model_ideal_ratios():
 
 @pytest.mark.timeout(240)
 def test_convergence_smoke(tmp_path):
-    result = run_benchmark("convergence", tmp_path, timeout=230)
+    # Two of the four variants keep CI short; global Lion runs in test_train.py.
+    result = run_benchmark("convergence", tmp_path, "--variants", "distlion_average", "adamw", timeout=230)
     record = load(tmp_path, "convergence")
-    assert set(record["summary"]) == {"distlion_majority", "distlion_average", "lion_global", "adamw"}
+    assert set(record["summary"]) == {"distlion_average", "adamw"}
     for variant, summary in record["summary"].items():
         assert summary["n"] == 1 and summary["std"] == 0.0
-    assert record["settings"]["distlion_majority"]["lr"] < record["settings"]["adamw"]["lr"]
+    assert record["settings"]["distlion_average"]["lr"] < record["settings"]["adamw"]["lr"]
     assert "vs AdamW" in result.stdout
 
 
