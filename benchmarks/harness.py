@@ -97,6 +97,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
 
 
+def add_loopback_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the model size, ranks and batch shape shared by the loopback timing benchmarks."""
+    parser.add_argument("--size", choices=sorted(MODEL_SIZES), default="small")
+    parser.add_argument("--world_size", type=positive_int, default=4)
+    parser.add_argument("--batch_size", type=positive_int, default=2, help="sequences per rank")
+    parser.add_argument("--seq_len", type=positive_int, default=64)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:

@@ -97,10 +97,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(harness.MODEL_SIZES), default="small")
-    parser.add_argument("--world_size", type=harness.positive_int, default=4)
-    parser.add_argument("--batch_size", type=harness.positive_int, default=2, help="sequences per rank")
-    parser.add_argument("--seq_len", type=harness.positive_int, default=64)
+    harness.add_loopback_workload_arguments(parser)
     parser.add_argument("--steps", type=harness.positive_int, default=10)
     harness.add_common_arguments(parser)
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distlion.comm import CommStats, choose_exchange, make_exchange
+from distlion.comm import CommStats, choose_exchange, make_exchange, ring_allreduce_bytes
 from distlion.kernels import kernels_for
 from distlion.layout import Bucket, BucketLayout, build_layout, slot_views
 
@@ -234,7 +234,7 @@ class DistLion(torch.optim.Optimizer):
             voted.append(planes)
             skip = any_nonfinite if skip is None else skip | any_nonfinite
         self.comm_stats.steps += 1
-        self.comm_stats.allreduce_fp32_bytes += _ring_allreduce_bytes(self.layout.numel, self.world_size)
+        self.comm_stats.allreduce_fp32_bytes += ring_allreduce_bytes(4 * self.layout.numel, self.world_size)  # fp32 gradients
         # DeepSpeed's engine reads ``overflow`` to count skips and hold its LR scheduler.
         self.overflow = skip is not None and bool(skip)
         if self.overflow:
@@ -398,11 +398,6 @@ def _resolve_group(process_group: Any) -> Any:
 
 def _optional_views(flat: Tensor | None, bucket: Bucket) -> list[Tensor | None]:
     return slot_views(flat, bucket) if flat is not None else [None] * len(bucket.slots)
-
-
-def _ring_allreduce_bytes(numel: int, world_size: int) -> int:
-    """Bytes one rank sends in a ring all-reduce of ``numel`` fp32 values."""
-    return 2 * (world_size - 1) * 4 * numel // world_size
 
 
 def _check_layout_agrees(layout: BucketLayout, group: Any, rank: int) -> None:

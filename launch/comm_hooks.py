@@ -20,10 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-
-def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
-    """Bytes one rank sends in a ring all-reduce of ``nbytes`` (reduce-scatter + all-gather)."""
-    return 2 * (world_size - 1) * nbytes // world_size
+from distlion.comm import ring_allreduce_bytes  # the formula DistLion's comm_stats uses
 
 
 @dataclass

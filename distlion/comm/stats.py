@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
+def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``nbytes`` (reduce-scatter + all-gather)."""
+    return 2 * (world_size - 1) * nbytes // world_size
+
+
 @dataclass
 class CommStats:
     """What this rank put into and took out of its collectives, cumulative.
