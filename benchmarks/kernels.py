@@ -3,14 +3,19 @@
 Every kernel is timed on the same number of coordinates d, in the same run as its
 baseline, so the ratio says how far a kernel is from the speed of memory:
 
-- on CPU (default): ``torch_fast`` and ``reference`` against ``grad.clone()``;
+- on CPU (default): ``cpu_native`` (C), ``torch_fast`` and ``reference`` against a
+  ``dst.copy_(src)`` (``clone()`` shown too: it also pays for fresh pages);
 - with ``--device cuda``: the Triton kernels (and ``torch_fast`` on CUDA) against a
   device-to-device ``dst.copy_(src)``, then one whole optimizer step on ``--size``
-  parameters: ``DistLion`` (single rank) against ``torch.optim.AdamW(fused=True)`` and
-  a ``torch._foreach`` Lion.
+  parameters: ``DistLion`` (single rank) against ``torch.optim.AdamW(fused=True)``, a
+  ``torch._foreach`` Lion and a one-kernel fused Lion written in Triton here (the floor:
+  it reads p, g, m once and writes p, m).
 
 GB/s counts the fp32 gradient a kernel covers (4 bytes x d), whatever it reads:
 the vote kernels read N packed rows of d/8 bytes, and that is the point of them.
+"traffic" counts the bytes a kernel must read and write (e.g. 12 per coordinate for
+the momentum update), and "bw" sets that against the copy's read + write bandwidth:
+how close each kernel runs to the speed of memory.
 
     python benchmarks/kernels.py                       # CPU, d = 2**24
     python benchmarks/kernels.py --device cuda --json benchmarks/results/kernels_cuda.json
@@ -35,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from distlion.kernels import reference, torch_fast  # noqa: E402
+from distlion.kernels import cpu_native, reference, torch_fast  # noqa: E402
 
 BETA1, BETA2, LR, WEIGHT_DECAY = 0.9, 0.99, 1e-4, 0.1
 
@@ -50,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per kernel (default 5 CPU, 20 CUDA)")
     parser.add_argument("--size", type=int, default=1_000_000_000,
                         help="parameters in the CUDA optimizer-step comparison (default 1e9)")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0,
+                        help="DistLion's bucket_cap_mb in the optimizer-step comparison (default 25)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default torch's; 1 is steadier on a busy machine)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
@@ -89,30 +96,41 @@ def timed(fn: Callable[[], object], repeat: int, device: str) -> tuple[float, fl
     return min(samples), statistics.median(samples)
 
 
-def kernel_cases(kernels, numel: int, world_size: int, device: str) -> dict[str, Callable[[], object]]:
-    """Return the calls to time, by name, with inputs built once on ``device``."""
+def kernel_cases(kernels, numel: int, world_size: int, device: str) -> dict[str, tuple[Callable[[], object], float]]:
+    """Return the calls to time, by name, with inputs built once on ``device``.
+
+    With each call comes the memory traffic it must cause, in bytes per coordinate
+    (fp32 = 4, a packed bit = 1/8), so its bandwidth can be set against the copy's.
+    """
     gen = torch.Generator(device=device).manual_seed(0)
     grad = torch.randn(numel, device=device, generator=gen)
     momentum = torch.randn(numel, device=device, generator=gen)
     param = torch.randn(numel, device=device, generator=gen)
     master = param.clone()
+    scratch = torch.empty_like(momentum)  # where the new momentum goes (the optimizer's gradient buffer)
     param_bf16 = param.to(torch.bfloat16)
     n_bytes = numel // 8
     packed = torch.randint(0, 256, (world_size, n_bytes), device=device, dtype=torch.uint8, generator=gen)
     vote = torch.empty(n_bytes, device=device, dtype=torch.uint8)
-    counts = torch.empty(world_size.bit_length(), n_bytes, device=device, dtype=torch.uint8)
+    planes = world_size.bit_length()
+    counts = torch.empty(planes, n_bytes, device=device, dtype=torch.uint8)
     kernels.vote_counts(packed, counts)
+    bit = 1 / 8
     return {
-        "pack_signs": lambda: kernels.pack_signs(grad, momentum, vote, beta1=BETA1, parity=0),
-        "update_momentum": lambda: kernels.update_momentum(grad, momentum, beta2=BETA2),
-        "nonfinite": lambda: kernels.nonfinite(grad),
-        f"majority_vote (N={world_size})": lambda: kernels.majority_vote(packed, vote, casting_rank=0),
-        f"vote_counts (N={world_size})": lambda: kernels.vote_counts(packed, counts),
-        "apply_majority fp32": lambda: kernels.apply_majority(param, vote, lr=LR, weight_decay=WEIGHT_DECAY),
-        "apply_majority bf16+master": lambda: kernels.apply_majority(
-            param_bf16, vote, lr=LR, weight_decay=WEIGHT_DECAY, master=master),
-        f"apply_average fp32 (N={world_size})": lambda: kernels.apply_average(
-            param, counts, world_size=world_size, lr=LR, weight_decay=WEIGHT_DECAY),
+        "pack_signs": (lambda: kernels.pack_signs(grad, momentum, vote, beta1=BETA1, parity=0), 8 + bit),
+        "pack_signs_and_momentum": (lambda: kernels.pack_signs_and_momentum(
+            grad, momentum, vote, scratch, beta1=BETA1, beta2=BETA2, parity=0), 12 + bit),
+        "update_momentum": (lambda: kernels.update_momentum(grad, momentum, beta2=BETA2), 12),
+        "nonfinite": (lambda: kernels.nonfinite(grad), 4),
+        f"majority_vote (N={world_size})": (
+            lambda: kernels.majority_vote(packed, vote, casting_rank=0), (world_size + 1) * bit),
+        f"vote_counts (N={world_size})": (lambda: kernels.vote_counts(packed, counts), (world_size + planes) * bit),
+        "apply_majority fp32": (
+            lambda: kernels.apply_majority(param, vote, lr=LR, weight_decay=WEIGHT_DECAY), 8 + bit),
+        "apply_majority bf16+master": (lambda: kernels.apply_majority(
+            param_bf16, vote, lr=LR, weight_decay=WEIGHT_DECAY, master=master), 10 + bit),
+        f"apply_average fp32 (N={world_size})": (lambda: kernels.apply_average(
+            param, counts, world_size=world_size, lr=LR, weight_decay=WEIGHT_DECAY), 8 + planes * bit),
     }
 
 
@@ -120,32 +138,34 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
     """Time the baseline copy and every kernel of every implementation for the device."""
     device, numel = args.device, args.numel
     src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
     if device == "cuda":
         from distlion.kernels import triton_kernels
-        dst = torch.empty_like(src)
-        baseline_name, baseline = "dst.copy_(src)", lambda: dst.copy_(src)
         impls = {"triton": triton_kernels, "torch_fast": torch_fast}
     else:
-        baseline_name, baseline = "clone()", src.clone
-        impls = {"torch_fast": torch_fast, "reference": reference}
+        impls = {"cpu_native": cpu_native, "torch_fast": torch_fast, "reference": reference}
     fp32_bytes = 4 * numel
-    base_seconds, base_median = timed(baseline, args.repeat, device)
-    rows = [{"kernel": baseline_name, "impl": "torch", "seconds": base_seconds, "median_seconds": base_median,
-             "gbps": fp32_bytes / base_seconds / 1e9, "ratio_vs_copy": 1.0}]
+    base_seconds, base_median = timed(lambda: dst.copy_(src), args.repeat, device)
+    copy_traffic = 8 * numel / base_seconds  # bytes read + written per second
+    rows = [{"kernel": "dst.copy_(src)", "impl": "torch", "seconds": base_seconds, "median_seconds": base_median,
+             "gbps": fp32_bytes / base_seconds / 1e9, "ratio_vs_copy": 1.0,
+             "traffic_gbps": copy_traffic / 1e9, "bandwidth_vs_copy": 1.0}]
     print_row(rows[-1])
+    del dst
     if device == "cpu":  # for context: clone() also pays for a fresh allocation and its page faults
-        dst = torch.empty_like(src)
-        seconds, median = timed(lambda: dst.copy_(src), args.repeat, device)
-        rows.append({"kernel": "dst.copy_(src)", "impl": "torch", "seconds": seconds, "median_seconds": median,
-                     "gbps": fp32_bytes / seconds / 1e9, "ratio_vs_copy": base_seconds / seconds})
+        seconds, median = timed(src.clone, args.repeat, device)
+        rows.append({"kernel": "clone()", "impl": "torch", "seconds": seconds, "median_seconds": median,
+                     "gbps": fp32_bytes / seconds / 1e9, "ratio_vs_copy": base_seconds / seconds,
+                     "traffic_gbps": 8 * numel / seconds / 1e9, "bandwidth_vs_copy": base_seconds / seconds})
         print_row(rows[-1])
-        del dst
     for impl_name, kernels in impls.items():
         cases = kernel_cases(kernels, numel, args.world_size, device)
-        for kernel_name, call in cases.items():
+        for kernel_name, (call, traffic) in cases.items():
             seconds, median = timed(call, args.repeat, device)
             rows.append({"kernel": kernel_name, "impl": impl_name, "seconds": seconds, "median_seconds": median,
-                         "gbps": fp32_bytes / seconds / 1e9, "ratio_vs_copy": base_seconds / seconds})
+                         "gbps": fp32_bytes / seconds / 1e9, "ratio_vs_copy": base_seconds / seconds,
+                         "traffic_gbps": traffic * numel / seconds / 1e9,
+                         "bandwidth_vs_copy": traffic * numel / seconds / copy_traffic})
             print_row(rows[-1])
         del cases
     return rows
@@ -154,7 +174,8 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
 def print_row(row: dict) -> None:
     """Print one line of the kernel table as soon as it is measured."""
     print(f"{row['kernel']:<34} {row['impl']:<11} {row['seconds'] * 1e3:>10.3f} {row['gbps']:>9.2f} "
-          f"{row['ratio_vs_copy']:>8.2f}", flush=True)
+          f"{row['ratio_vs_copy']:>8.2f} {row['traffic_gbps']:>10.1f} {100 * row['bandwidth_vs_copy']:>7.0f}%",
+          flush=True)
 
 
 def foreach_lion_step(params: list, grads: list, exp_avgs: list) -> None:
@@ -166,6 +187,42 @@ def foreach_lion_step(params: list, grads: list, exp_avgs: list) -> None:
     torch._foreach_add_(params, update, alpha=-LR)
     torch._foreach_mul_(exp_avgs, BETA2)
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - BETA2)
+
+
+def fused_lion_step(params: list, exp_avgs: list) -> None:
+    """One Lion step in one Triton kernel per tensor: reads p, g, m once, writes p, m (the floor)."""
+    import triton
+    block = 4096
+    for p, m in zip(params, exp_avgs):
+        n = p.numel()
+        _fused_lion_kernel()[(triton.cdiv(n, block),)](
+            p, p.grad, m, n, 1.0 - LR * WEIGHT_DECAY, -LR, BETA1, 1.0 - BETA1, BETA2, 1.0 - BETA2,
+            BLOCK=block, num_warps=8)
+
+
+_FUSED_LION = []
+
+
+def _fused_lion_kernel():
+    """Compile the baseline fused Lion kernel on first use (Triton is imported only for CUDA runs)."""
+    if not _FUSED_LION:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def kernel(p_ptr, g_ptr, m_ptr, n, decay, neg_lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                   BLOCK: tl.constexpr):
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            p = tl.load(p_ptr + offs, mask=mask)
+            g = tl.load(g_ptr + offs, mask=mask)
+            m = tl.load(m_ptr + offs, mask=mask)
+            c = m * beta1 + g * one_minus_beta1
+            s = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
+            tl.store(p_ptr + offs, p * decay + neg_lr * s, mask=mask)
+            tl.store(m_ptr + offs, m * beta2 + g * one_minus_beta2, mask=mask)
+        _FUSED_LION.append(kernel)
+    return _FUSED_LION[0]
 
 
 def bench_optimizer_step(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
@@ -182,7 +239,8 @@ def bench_optimizer_step(args: argparse.Namespace, device: str = "cuda") -> list
 
     def make_distlion():
         from distlion import DistLion
-        opt = DistLion(params, lr=LR, betas=(BETA1, BETA2), weight_decay=WEIGHT_DECAY)
+        opt = DistLion(params, lr=LR, betas=(BETA1, BETA2), weight_decay=WEIGHT_DECAY,
+                       bucket_cap_mb=args.bucket_cap_mb)
         return opt.step
 
     def make_adamw():
@@ -194,9 +252,16 @@ def bench_optimizer_step(args: argparse.Namespace, device: str = "cuda") -> list
         exp_avgs = [torch.zeros_like(p) for p in params]
         return lambda: foreach_lion_step(params, grads, exp_avgs)
 
+    def make_fused_lion():
+        exp_avgs = [torch.zeros_like(p) for p in params]
+        return lambda: fused_lion_step(params, exp_avgs)
+
+    makers = [("DistLion (1 rank)", make_distlion), ("AdamW(fused=True)", make_adamw),
+              ("foreach Lion", make_foreach_lion)]
+    if cuda:
+        makers.append(("fused Lion (Triton)", make_fused_lion))
     rows = []
-    for name, make in [("DistLion (1 rank)", make_distlion), ("AdamW(fused=True)", make_adamw),
-                       ("foreach Lion", make_foreach_lion)]:
+    for name, make in makers:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -243,15 +308,22 @@ def main(argv: list[str] | None = None) -> None:
           f"(load {info['load_average_1min']}), "
           f"torch {info['torch']}" + (f", {info['gpu']}" if "gpu" in info else ""))
     print(f"# d = {args.numel:,} coordinates, N = {args.world_size}, best of {args.repeat}; "
-          f"GB/s = 4 bytes x d / time; ratio = copy time / kernel time (> 1: faster than the copy)")
-    print(f"{'kernel':<34} {'impl':<11} {'ms':>10} {'GB/s':>9} {'x copy':>8}")
+          f"GB/s = 4 bytes x d / time; x copy = copy time / kernel time (> 1: faster than the copy)")
+    print("# traffic = bytes the kernel must read + write / time; bw = traffic / the copy's (read + write)")
+    print(f"{'kernel':<34} {'impl':<11} {'ms':>10} {'GB/s':>9} {'x copy':>8} {'traffic':>10} {'bw':>8}")
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "kernels": bench_kernels(args)}
     if args.device == "cuda":
-        print(f"\n# one optimizer step on {args.size:,} fp32 parameters, best of {args.repeat}")
+        print(f"\n# one optimizer step on {args.size:,} fp32 parameters, best of {args.repeat}; "
+              f"DistLion buckets of {args.bucket_cap_mb:g} MiB")
         print(f"{'optimizer':<22} {'ms':>10} {'Gparams/s':>12} {'peak GB':>10}")
         results["optimizer_step"] = bench_optimizer_step(args)
+        seconds = {row["optimizer"]: row["seconds"] for row in results["optimizer_step"] if "seconds" in row}
+        mine = seconds.get("DistLion (1 rank)")
+        for other in ("fused Lion (Triton)", "AdamW(fused=True)", "foreach Lion"):
+            if mine and other in seconds:
+                print(f"DistLion / {other}: {mine / seconds[other]:.2f}x the time")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

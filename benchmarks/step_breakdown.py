@@ -4,7 +4,8 @@ Runs the phase of ``step_time.py`` (DistLion's ``optimizer.step()``; AdamW + DDP
 deferred all-reduce then ``AdamW.step()``) on N loopback gloo ranks, with a timer
 around every kernel of ``distlion.kernels.kernels_for("cpu")`` and every
 torch.distributed collective, so each stage is timed where it runs, with the caches and
-the waits of a real step (a collective's time includes waiting for the slowest rank).
+the waits of a real step (a collective's time includes waiting for the slowest rank;
+for one launched without waiting, its launch plus its ``wait``).
 ``rest`` is what no timer covered: Python, copies into and out of the exchange buffers,
 gathering gradients into the buckets, and for AdamW its whole update::
 
@@ -31,9 +32,23 @@ import torch.distributed as dist  # noqa: E402
 
 from distlion.kernels import kernels_for  # noqa: E402
 
-KERNELS = ("nonfinite", "pack_signs", "majority_vote", "vote_counts", "update_momentum", "apply_majority",
+KERNELS = ("nonfinite", "pack_signs", "pack_signs_and_check", "majority_vote", "vote_counts", "update_momentum", "apply_majority",
            "apply_average")
 COLLECTIVES = ("all_to_all_single", "all_gather_single", "all_gather_into_tensor", "all_reduce")
+
+
+class _TimedWork:
+    """An async collective's work handle whose ``wait`` adds to the collective's time."""
+
+    def __init__(self, work, totals: dict[str, float], name: str):
+        self._work, self._totals, self._name = work, totals, name
+
+    def wait(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            self._totals[self._name] += time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -50,9 +65,10 @@ def stage_timers(totals: dict[str, float]):
             def timed(*args, _function=function, _name=name, **kwargs):
                 start = time.perf_counter()
                 try:
-                    return _function(*args, **kwargs)
+                    result = _function(*args, **kwargs)
                 finally:
                     totals[_name] += time.perf_counter() - start
+                return _TimedWork(result, totals, _name) if kwargs.get("async_op") else result
 
             originals.append((module, name, function))
             setattr(module, name, timed)

@@ -136,6 +136,7 @@ class DistLion(torch.optim.Optimizer):
         self._buffers: list[_BucketBuffers] = []
         self._param_views: list[list[Tensor]] = []
         self._grad_views: list[list[Tensor]] = []
+        self._momentum_views: list[list[Tensor]] = []
         self._bucket_params: list[list[Tensor]] = []
         for bucket in self.layout.buckets:
             buffers = self._allocate(bucket)
@@ -159,6 +160,7 @@ class DistLion(torch.optim.Optimizer):
             self._buffers.append(buffers)
             self._param_views.append(views)
             self._grad_views.append(slot_views(buffers.grads, bucket))
+            self._momentum_views.append([self.state[param]["exp_avg"] for param in members])
             self._bucket_params.append(members)
         self._laid_out = params
         self._data_ptrs = [p.data_ptr() for p in params]
@@ -217,20 +219,27 @@ class DistLion(torch.optim.Optimizer):
         step = self._step + 1
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
         found_inf = getattr(self, "found_inf", None)
-        voted, skip = [], None
+        # Pack every bucket and launch its exchange; bucket i's bytes travel while i+1 is packed.
         for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
             group = self.param_groups[bucket.group_index]
             kernels = kernels_for(bucket.device)
             self._gather_grads(index)
             if grad_scale is not None:
                 buffers.grads.mul_(grad_scale.double().reciprocal().float())
-            flag = kernels.nonfinite(buffers.grads)
+            beta1, beta2 = group["betas"]
+            if self._momentum_in_pack(buffers):  # the new momentum goes into the gradient buffer
+                flag = kernels.pack_signs_and_momentum(buffers.grads, buffers.momentum, buffers.bits, buffers.grads,
+                                                       beta1=beta1, beta2=beta2, parity=step % 2)
+            else:
+                flag = kernels.pack_signs_and_check(buffers.grads, buffers.momentum, buffers.bits, beta1=beta1,
+                                                    parity=step % 2)
             if found_inf is not None:
                 flag = flag | (found_inf.to(flag.device) > 0)
-            kernels.pack_signs(buffers.grads, buffers.momentum, buffers.bits, beta1=group["betas"][0],
-                               parity=step % 2)
-            planes, any_nonfinite = self._exchange.run(index, buffers.bits, flag.to(torch.uint8),
-                                                       self._vote_fn(step))
+            self._exchange.start(index, buffers.bits, flag.to(torch.uint8))
+        voted, skip = [], None
+        vote = self._vote_fn(step)
+        for index in range(len(self._buffers)):
+            planes, any_nonfinite = self._exchange.finish(index, vote)
             voted.append(planes)
             skip = any_nonfinite if skip is None else skip | any_nonfinite
         self.comm_stats.steps += 1
@@ -243,7 +252,10 @@ class DistLion(torch.optim.Optimizer):
         for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
             group = self.param_groups[bucket.group_index]
             kernels = kernels_for(bucket.device)
-            kernels.update_momentum(buffers.grads, buffers.momentum, beta2=group["betas"][1])
+            if self._momentum_in_pack(buffers):
+                self._swap_momentum(index)
+            else:
+                kernels.update_momentum(buffers.grads, buffers.momentum, beta2=group["betas"][1])
             if self.vote == "majority":
                 kernels.apply_majority(buffers.params, voted[index][0], lr=group["lr"],
                                        weight_decay=group["weight_decay"], master=buffers.master)
@@ -252,6 +264,23 @@ class DistLion(torch.optim.Optimizer):
                                       weight_decay=group["weight_decay"], master=buffers.master)
         self._step = step
         return loss
+
+    @staticmethod
+    def _momentum_in_pack(buffers: _BucketBuffers) -> bool:
+        """True when the pack pass can write the new momentum over the gradient buffer (same dtype)."""
+        return buffers.grads.dtype == buffers.momentum.dtype
+
+    def _swap_momentum(self, index: int) -> None:
+        """Make the gradient buffer, which holds the new momentum, the momentum; the old one is scratch.
+
+        Done only once every rank agreed to take the step, so a skipped step leaves the
+        momentum untouched without a second momentum buffer or an extra pass over memory.
+        """
+        buffers = self._buffers[index]
+        buffers.grads, buffers.momentum = buffers.momentum, buffers.grads
+        self._grad_views[index], self._momentum_views[index] = self._momentum_views[index], self._grad_views[index]
+        for param, momentum in zip(self._bucket_params[index], self._momentum_views[index]):
+            self.state[param]["exp_avg"] = momentum
 
     def _vote_fn(self, step: int):
         casting_rank = step % self.world_size

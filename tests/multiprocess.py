@@ -1,4 +1,4 @@
-"""Run a function on N real gloo processes and collect what each rank returns.
+"""Run a function on N real processes (gloo by default) and collect what each rank returns.
 
 Every launch is bounded by a timeout: a hang fails the test instead of stalling CI.
 Workers are module-level functions ``fn(rank, world_size, *args)``; what they return
@@ -28,11 +28,11 @@ def _to_bytes(value) -> bytes:
     return buffer.getvalue()
 
 
-def _worker(rank: int, world_size: int, init_file: str, fn, args, results) -> None:
+def _worker(rank: int, world_size: int, init_file: str, backend: str, fn, args, results) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         try:
             results.put((rank, "ok", _to_bytes(fn(rank, world_size, *args))))
         finally:
@@ -41,13 +41,16 @@ def _worker(rank: int, world_size: int, init_file: str, fn, args, results) -> No
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return their results."""
+def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return their results.
+
+    ``backend`` is gloo unless a test asks for NCCL (one GPU per rank; world size 1 with one GPU).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, results), daemon=True)
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, backend, fn, args, results), daemon=True)
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -40,6 +40,8 @@ def test_world_size_one_equals_lion_bitwise():
     _train(model, ours, batches)
     for a, b in zip(reference.parameters(), model.parameters()):
         assert torch.equal(a, b)
+        # the momentum too (it is written by the pack pass and swapped in when the step is taken)
+        assert torch.equal(lion.state[a]["exp_avg"], ours.state[b]["exp_avg"])
     assert ours.comm_stats.steps == 60 and ours.comm_stats.bytes_sent == 0
 
 
@@ -111,6 +113,23 @@ def test_nonfinite_gradient_skips_the_step():
     assert opt.comm_stats.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(torch.equal(a, opt.state[p]["exp_avg"]) for a, p in zip(momentum, model.parameters()))
+
+
+def test_training_after_a_skipped_step_is_as_if_it_never_happened():
+    reference, model = _model(), _model()
+    lion = Lion(reference.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    ours = DistLion(model.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    batches = _batches(6)
+    _train(reference, lion, batches)
+    _train(model, ours, batches[:3])
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))  # fills the scratch buffer with non-finite momentum
+    ours.step()
+    assert ours.comm_stats.skipped_steps == 1
+    _train(model, ours, batches[3:])
+    for a, b in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(lion.state[a]["exp_avg"], ours.state[b]["exp_avg"])
 
 
 def test_state_dict_round_trip_resumes_bitwise():

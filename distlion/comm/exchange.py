@@ -1,10 +1,13 @@
 """Sign exchanges: move packed sign bits between ranks and return the voted bits.
 
-Every exchange has one method, ``run``: it takes this rank's packed bits of one bucket
-and a one-byte non-finite flag, calls ``vote`` on the packed bits it gathered (the vote
-itself is a kernel, passed in, so this module only moves bytes), and returns the voted
-bit-planes of the whole bucket plus the flag OR-ed over all ranks. The flag rides in
-the same collective as the signs, so agreeing on a skip costs no extra round trip.
+Every exchange has two methods. ``start`` takes this rank's packed bits of one bucket
+and a one-byte non-finite flag and launches the first collective without waiting, so
+the caller packs the next bucket while these bytes travel. ``finish`` waits for it,
+calls ``vote`` on the packed bits gathered (the vote itself is a kernel, passed in, so
+this module only moves bytes), and returns the voted bit-planes of the whole bucket
+plus the flag OR-ed over all ranks. The flag rides in the same collective as the
+signs, so agreeing on a skip costs no extra round trip. Buckets are finished in the
+order they were started.
 
 - ``TwoPhaseExchange``: all_to_all of the packed signs, each rank votes on its 1/N
   chunk, all_gather of the voted chunks. ~2(N-1)/N bytes per 8 coordinates, flat in N.
@@ -15,7 +18,7 @@ the same collective as the signs, so agreeing on a skip costs no extra round tri
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -32,15 +35,19 @@ VoteFn = Callable[[Tensor, Tensor], None]  # (packed [N, C], out planes [P, C]) 
 class SignExchange(Protocol):
     stats: CommStats
 
-    def run(self, bucket: int, local_bits: Tensor, nonfinite: Tensor, vote: VoteFn) -> tuple[Tensor, Tensor]:
+    def start(self, bucket: int, local_bits: Tensor, nonfinite: Tensor) -> None:
+        """Launch the exchange of ``bucket``; leave ``local_bits`` unchanged until ``finish``."""
+        ...
+
+    def finish(self, bucket: int, vote: VoteFn) -> tuple[Tensor, Tensor]:
         """Return (voted planes [P, nbytes], non-finite flag of any rank as a 0-dim bool)."""
         ...
 
 
-def _all_gather_flat(output: Tensor, input: Tensor, group) -> None:
-    """Gather every rank's ``input`` into ``output`` (contiguous, rank-major), flat."""
+def _all_gather_flat(output: Tensor, input: Tensor, group, async_op: bool = False):
+    """Gather every rank's ``input`` into ``output`` (contiguous, rank-major), flat; the work handle if async."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-    gather(output.view(-1), input.view(-1), group=group)
+    return gather(output.view(-1), input.view(-1), group=group, async_op=async_op)
 
 
 def _transport_device(group, device: torch.device) -> torch.device:
@@ -56,10 +63,15 @@ class LocalExchange:
     def __init__(self, bucket_bytes: list[int], planes: int, device: torch.device, stats: CommStats):
         self.stats = stats
         self._voted = [torch.empty(planes, n, dtype=torch.uint8, device=device) for n in bucket_bytes]
+        self._started: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def run(self, bucket, local_bits, nonfinite, vote):
+    def start(self, bucket, local_bits, nonfinite):
+        self._started[bucket] = (local_bits, nonfinite)
+
+    def finish(self, bucket, vote):
+        local_bits, nonfinite = self._started.pop(bucket)
         vote(local_bits.view(1, -1), self._voted[bucket])
-        return self._voted[bucket], nonfinite
+        return self._voted[bucket], nonfinite.bool()
 
 
 class _Collective:
@@ -73,6 +85,10 @@ class _Collective:
         self.transport = _transport_device(group, device)
         self.stats = stats
         self._voted = [torch.empty(planes, n, dtype=torch.uint8, device=device) for n in bucket_bytes]
+        self._pending: dict[int, Any] = {}  # bucket -> the work handle of its first collective
+
+    def _wait(self, bucket: int) -> None:
+        self._pending.pop(bucket).wait()
 
     def _count(self, sent: int, received: int) -> None:
         self.stats.bytes_sent += sent
@@ -94,13 +110,19 @@ class TwoPhaseExchange(_Collective):
             self._chunk_vote.append(torch.empty(planes, chunk, dtype=torch.uint8, device=t))
             self._gathered.append(torch.empty(n, planes, chunk, dtype=torch.uint8, device=t))
 
-    def run(self, bucket, local_bits, nonfinite, vote):
+    def start(self, bucket, local_bits, nonfinite):
         n = self.world_size
-        send, recv, packed = self._send[bucket], self._recv[bucket], self._packed[bucket]
-        chunk = packed.shape[1]
+        send, recv = self._send[bucket], self._recv[bucket]
+        chunk = self._packed[bucket].shape[1]
         send[:, :chunk].copy_(local_bits.view(n, chunk))
         send[:, chunk].copy_(nonfinite)
-        dist.all_to_all_single(recv, send, group=self.group)
+        self._pending[bucket] = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+
+    def finish(self, bucket, vote):
+        n = self.world_size
+        recv, packed = self._recv[bucket], self._packed[bucket]
+        chunk = packed.shape[1]
+        self._wait(bucket)
         packed.copy_(recv[:, :chunk])
         vote(packed, self._chunk_vote[bucket])
         _all_gather_flat(self._gathered[bucket], self._chunk_vote[bucket], self.group)
@@ -126,13 +148,18 @@ class AllGatherExchange(_Collective):
             self._gathered.append(torch.empty(n, nbytes + FLAG_BYTES, dtype=torch.uint8, device=t))
             self._packed.append(torch.empty(n, nbytes, dtype=torch.uint8, device=t))
 
-    def run(self, bucket, local_bits, nonfinite, vote):
-        n = self.world_size
-        send, gathered, packed = self._send[bucket], self._gathered[bucket], self._packed[bucket]
-        nbytes = packed.shape[1]
+    def start(self, bucket, local_bits, nonfinite):
+        send = self._send[bucket]
+        nbytes = self._packed[bucket].shape[1]
         send[:nbytes].copy_(local_bits)
         send[nbytes].copy_(nonfinite)
-        _all_gather_flat(gathered, send, self.group)
+        self._pending[bucket] = _all_gather_flat(self._gathered[bucket], send, self.group, async_op=True)
+
+    def finish(self, bucket, vote):
+        n = self.world_size
+        gathered, packed = self._gathered[bucket], self._packed[bucket]
+        nbytes = packed.shape[1]
+        self._wait(bucket)
         packed.copy_(gathered[:, :nbytes])
         voted = self._voted[bucket]
         vote(packed, self._vote_out[bucket])

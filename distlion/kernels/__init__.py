@@ -1,10 +1,13 @@
 """Pure tensor kernels of DistLion: local step + pack, vote, unpack + apply.
 
 No process group is involved here; every function works on flat bucket tensors.
-Three implementations share one contract, and ``kernels_for(device)`` picks one:
+Four implementations share one contract, and ``kernels_for(device)`` picks one:
 
 - ``reference``: plain and obvious, the oracle of the tests;
-- ``torch_fast``: chunked torch ops on packed int64 words, the default on CPU;
+- ``cpu_native``: C compiled on first use, one pass per kernel, the default on CPU
+  (it hands what it does not cover, and everything when no C compiler is found, to
+  ``torch_fast``);
+- ``torch_fast``: chunked torch ops on packed int64 words, for any device;
 - ``triton_kernels``: fused Triton kernels, the default for CUDA tensors when Triton
   is installed.
 
@@ -15,6 +18,12 @@ means +1):
     out[k] <- packed bits of sign(c), c = fp32(momentum)*beta1 + fp32(grad)*(1-beta1)
     (rounded as torch's ``mul`` then ``add(alpha=)``, i.e. one fma). A coordinate with
     c == 0 votes + where (index + parity) is even, - otherwise (the zero rule).
+``pack_signs_and_check(grad, momentum, out, *, beta1, parity) -> Tensor``
+    ``pack_signs``, returning ``nonfinite(grad)``: the C kernels check while they pack.
+``pack_signs_and_momentum(grad, momentum, out, momentum_out, *, beta1, beta2, parity) -> Tensor``
+    ``pack_signs_and_check``, and momentum_out <- the momentum ``update_momentum`` would
+    write, from the same read of grad and momentum; ``momentum_out`` may be ``grad``
+    itself (the optimizer then swaps the two buffers once the step is agreed).
 ``update_momentum(grad, momentum, *, beta2)``
     momentum <- fp32(momentum)*beta2 + fp32(grad)*(1-beta2), stored in momentum's dtype.
 ``nonfinite(grad) -> Tensor``
@@ -38,9 +47,9 @@ from types import ModuleType
 
 import torch
 
-from distlion.kernels import reference, torch_fast
+from distlion.kernels import cpu_native, reference, torch_fast
 
-__all__ = ["kernels_for", "reference", "torch_fast"]
+__all__ = ["cpu_native", "kernels_for", "reference", "torch_fast"]
 
 
 def kernels_for(device: torch.device | str) -> ModuleType:
@@ -51,4 +60,6 @@ def kernels_for(device: torch.device | str) -> ModuleType:
         except ImportError:  # Triton missing or unusable: torch ops work on any device
             return torch_fast
         return triton_kernels
+    if torch.device(device).type == "cpu" and cpu_native.available():
+        return cpu_native
     return torch_fast

@@ -44,6 +44,19 @@ def pack_signs(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, par
     out.copy_(_pack_bits(positive))
 
 
+def pack_signs_and_check(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, parity: int) -> Tensor:
+    pack_signs(grad, momentum, out, beta1=beta1, parity=parity)
+    return nonfinite(grad)
+
+
+
+def pack_signs_and_momentum(grad: Tensor, momentum: Tensor, out: Tensor, momentum_out: Tensor, *, beta1: float,
+                            beta2: float, parity: int) -> Tensor:
+    flag = pack_signs_and_check(grad, momentum, out, beta1=beta1, parity=parity)
+    new = (momentum.float() * beta2).add(grad.float(), alpha=1.0 - beta2)
+    momentum_out.copy_(new)  # may be grad itself: everything was read above
+    return flag
+
 def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
     new = (momentum.float() * beta2).add(grad.float(), alpha=1.0 - beta2)
     momentum.copy_(new)

@@ -92,6 +92,24 @@ class _NumpyPacker:
         out.numpy()[:] = np.packbits(positive, bitorder="little")
 
 
+def pack_signs_and_check(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, parity: int) -> Tensor:
+    flag = nonfinite(grad)
+    pack_signs(grad, momentum, out, beta1=beta1, parity=parity)
+    return flag
+
+
+
+def pack_signs_and_momentum(grad: Tensor, momentum: Tensor, out: Tensor, momentum_out: Tensor, *, beta1: float,
+                            beta2: float, parity: int) -> Tensor:
+    flag = pack_signs_and_check(grad, momentum, out, beta1=beta1, parity=parity)
+    new = torch.empty(min(CHUNK, grad.numel()), dtype=torch.float32, device=grad.device)
+    for lo, hi in _chunks(grad.numel()):  # chunk by chunk, so momentum_out may be grad itself
+        n = hi - lo
+        torch.mul(momentum[lo:hi].float(), beta2, out=new[:n])
+        new[:n].add_(grad[lo:hi].float(), alpha=1.0 - beta2)
+        momentum_out[lo:hi].copy_(new[:n])
+    return flag
+
 def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
     if momentum.dtype == torch.float32 and grad.dtype == torch.float32:
         momentum.mul_(beta2).add_(grad, alpha=1.0 - beta2)

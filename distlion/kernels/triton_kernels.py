@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = [
-    "pack_signs", "update_momentum", "nonfinite", "majority_vote", "vote_counts",
+    "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "update_momentum", "nonfinite", "majority_vote", "vote_counts",
     "apply_majority", "apply_average",
 ]
 
@@ -47,8 +47,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Block sizes are read at call time, so tests may shrink them to cover many programs
 # and ragged tails with small tensors.
 BLOCK = 1 << 16 if _INTERPRET else 4096        # coordinates per program, elementwise kernels
-VOTE_BLOCK = 1 << 14 if _INTERPRET else 1024   # packed words per program, vote kernels
+VOTE_BLOCK = 1 << 14 if _INTERPRET else 512    # packed words per program, vote kernels
 NUM_WARPS = 8                                  # ignored by the interpreter
+VOTE_WARPS = 8                                 # 512 words x 8 warps: best of a sweep on an H100
 MAX_PLANES = 16                                # the vote kernels count up to 2**16 - 1 rows
 
 _BF16 = torch.bfloat16
@@ -134,8 +135,9 @@ def _tile(BYTES: tl.constexpr):
 
 
 @triton.jit
-def _pack_signs_kernel(grad_ptr, mom_ptr, out_ptr, n_bytes, beta1, one_minus_beta1, parity,
-                       G_BF16: tl.constexpr, M_BF16: tl.constexpr, BYTES: tl.constexpr):
+def _pack_signs_kernel(grad_ptr, mom_ptr, out_ptr, flag_ptr, mom_out_ptr, n_bytes, beta1, one_minus_beta1,
+                       beta2, one_minus_beta2, parity, G_BF16: tl.constexpr, M_BF16: tl.constexpr,
+                       CHECK: tl.constexpr, WRITE_MOMENTUM: tl.constexpr, BYTES: tl.constexpr):
     byte, bit = _tile(BYTES)
     offs = byte[:, None] * 8 + bit[None, :]
     in_bounds = byte < n_bytes
@@ -149,10 +151,38 @@ def _pack_signs_kernel(grad_ptr, mom_ptr, out_ptr, n_bytes, beta1, one_minus_bet
     # Distinct powers of two: their sum is their bitwise or.
     packed = tl.sum(positive.to(tl.int32) << bit[None, :], axis=1)
     tl.store(out_ptr + byte, packed.to(tl.uint8), mask=in_bounds)
+    if WRITE_MOMENTUM:  # same rounding as _update_momentum_kernel; mom_out may alias grad
+        _store_f32(mom_out_ptr, offs, tl.fma(g, one_minus_beta2, m * beta2), mask, M_BF16)
+    if CHECK:  # inf and nan survive the widening to fp32; every program seeing one stores the same 1
+        bad = ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
+        tl.store(flag_ptr, 1, mask=tl.max(tl.max(bad, axis=1), axis=0) > 0)
 
 
 def pack_signs(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, parity: int) -> None:
     """Write the packed signs of beta1*momentum + (1-beta1)*grad into ``out``."""
+    _pack(grad, momentum, out, None, None, beta1=beta1, beta2=0.0, parity=parity)
+
+
+def pack_signs_and_check(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, parity: int) -> Tensor:
+    """``pack_signs`` that also returns ``nonfinite(grad)``, checked in the same pass (on the device)."""
+    flag = torch.zeros((), dtype=torch.uint8, device=grad.device)
+    _pack(grad, momentum, out, flag, None, beta1=beta1, beta2=0.0, parity=parity)
+    return flag.view(torch.bool)
+
+
+def pack_signs_and_momentum(grad: Tensor, momentum: Tensor, out: Tensor, momentum_out: Tensor, *, beta1: float,
+                            beta2: float, parity: int) -> Tensor:
+    """``pack_signs_and_check`` that also writes the new momentum to ``momentum_out`` (may be ``grad``)."""
+    if momentum_out.dtype != momentum.dtype:
+        raise ValueError(f"momentum_out must have momentum's dtype {momentum.dtype}, got {momentum_out.dtype}")
+    _check_flat("momentum_out", momentum_out, grad.numel())
+    flag = torch.zeros((), dtype=torch.uint8, device=grad.device)
+    _pack(grad, momentum, out, flag, momentum_out, beta1=beta1, beta2=beta2, parity=parity)
+    return flag.view(torch.bool)
+
+
+def _pack(grad: Tensor, momentum: Tensor, out: Tensor, flag: Tensor | None, momentum_out: Tensor | None, *,
+          beta1: float, beta2: float, parity: int) -> None:
     numel = grad.numel()
     _check_numel(numel)
     _check_flat("grad", grad, numel)
@@ -163,10 +193,12 @@ def pack_signs(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, par
     bytes_per_program = BLOCK // 8
     grid = (triton.cdiv(numel // 8, bytes_per_program),)
     _pack_signs_kernel[grid](
-        _bits_view(grad), _bits_view(momentum), out, numel // 8,
-        _f32(beta1), _f32(1.0 - beta1), int(parity) % 2,
-        G_BF16=grad.dtype == _BF16, M_BF16=momentum.dtype == _BF16,
-        BYTES=bytes_per_program, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        _bits_view(grad), _bits_view(momentum), out, out if flag is None else flag,
+        _bits_view(momentum if momentum_out is None else momentum_out), numel // 8,
+        _f32(beta1), _f32(1.0 - beta1), _f32(beta2), _f32(1.0 - beta2), int(parity) % 2,
+        G_BF16=grad.dtype == _BF16, M_BF16=momentum.dtype == _BF16, CHECK=flag is not None,
+        WRITE_MOMENTUM=momentum_out is not None, BYTES=bytes_per_program, num_warps=NUM_WARPS,
+        enable_fp_fusion=False)
 
 
 @triton.jit
@@ -229,6 +261,7 @@ def nonfinite(grad: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ vote
+
 
 
 @triton.jit
@@ -379,7 +412,7 @@ def majority_vote(packed: Tensor, out: Tensor, *, casting_rank: int) -> None:
     grid = (triton.cdiv(n_words, VOTE_BLOCK),)
     _majority_kernel[grid](
         words, words[casting_rank], out_words, n_words,
-        N=rows, P=rows.bit_length(), HALF=rows // 2, BW=VOTE_BLOCK, num_warps=4, enable_fp_fusion=False)
+        N=rows, P=rows.bit_length(), HALF=rows // 2, BW=VOTE_BLOCK, num_warps=VOTE_WARPS, enable_fp_fusion=False)
 
 
 @triton.jit
@@ -460,7 +493,7 @@ def vote_counts(packed: Tensor, out: Tensor) -> None:
     grid = (triton.cdiv(n_words, VOTE_BLOCK),)
     _vote_counts_kernel[grid](
         words, out_words, n_words,
-        N=rows, P=rows.bit_length(), B=kernel_planes, BW=VOTE_BLOCK, num_warps=4, enable_fp_fusion=False)
+        N=rows, P=rows.bit_length(), B=kernel_planes, BW=VOTE_BLOCK, num_warps=VOTE_WARPS, enable_fp_fusion=False)
 
 
 # ----------------------------------------------------------------- unpack + apply

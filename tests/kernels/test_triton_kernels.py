@@ -205,6 +205,40 @@ def test_nonfinite(block, dtype):
     assert not triton_kernels.nonfinite(torch.empty(0, dtype=dtype, device=DEVICE)).item()
 
 
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_pack_signs_and_check(block, dtype):
+    d = SIZES[0]
+    grad, momentum = _values(d, dtype, 9), _values(d, F32, 10)
+    for bad in (None, float("nan"), float("-inf")):
+        if bad is not None:
+            grad[d // 3] = bad
+        expected = torch.empty(d // 8, dtype=torch.uint8)
+        reference.pack_signs(grad, momentum, expected, beta1=0.9, parity=0)
+        actual = torch.empty(d // 8, dtype=torch.uint8, device=DEVICE)
+        flag = triton_kernels.pack_signs_and_check(dev(grad), dev(momentum), actual, beta1=0.9, parity=0)
+        assert_bitwise(actual, expected)
+        assert flag.item() == (bad is not None)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("aliased", [True, False], ids=["into_grad", "separate"])
+def test_pack_signs_and_momentum(block, dtype, aliased):
+    d = SIZES[1]
+    grad, momentum = _values(d, dtype, 11), _values(d, dtype, 12)
+    expected_bits = torch.empty(d // 8, dtype=torch.uint8)
+    reference.pack_signs(grad, momentum, expected_bits, beta1=0.9, parity=1)
+    expected_momentum = momentum.clone()
+    reference.update_momentum(grad, expected_momentum, beta2=0.99)
+    g, m = dev(grad), dev(momentum)
+    out = g if aliased else torch.empty_like(m)
+    bits = torch.empty(d // 8, dtype=torch.uint8, device=DEVICE)
+    flag = triton_kernels.pack_signs_and_momentum(g, m, bits, out, beta1=0.9, beta2=0.99, parity=1)
+    assert_bitwise(bits, expected_bits)
+    assert_bitwise(out, expected_momentum)
+    assert_bitwise(m, momentum)
+    assert not flag.item()
+
 def _pack(bits: torch.Tensor) -> torch.Tensor:
     """Pack bools [..., 8k] into bytes, bit j of byte k = coordinate 8k + j."""
     weights = 2 ** torch.arange(8, dtype=torch.int32)
