@@ -32,8 +32,8 @@ import torch.distributed as dist  # noqa: E402
 
 from distlion.kernels import kernels_for  # noqa: E402
 
-KERNELS = ("nonfinite", "pack_signs", "pack_signs_and_check", "majority_vote", "vote_counts", "update_momentum", "apply_majority",
-           "apply_average")
+KERNELS = ("nonfinite", "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "majority_vote",
+           "vote_counts", "update_momentum", "apply_majority", "apply_average")
 COLLECTIVES = ("all_to_all_single", "all_gather_single", "all_gather_into_tensor", "all_reduce")
 
 
