@@ -7,7 +7,8 @@ torch.distributed collective, so each stage is timed where it runs, with the cac
 the waits of a real step (a collective's time includes waiting for the slowest rank;
 for one launched without waiting, its launch plus its ``wait``).
 ``rest`` is what no timer covered: Python, copies into and out of the exchange buffers,
-gathering gradients into the buckets, and for AdamW its whole update::
+gathering gradients into the buckets (where the C kernels do not read them in place),
+and for AdamW its whole update::
 
     python benchmarks/step_breakdown.py                  # 3.89M params, 4 ranks
     python benchmarks/step_breakdown.py --size medium    # 24.2M params
@@ -32,8 +33,8 @@ import torch.distributed as dist  # noqa: E402
 
 from distlion.kernels import kernels_for  # noqa: E402
 
-KERNELS = ("nonfinite", "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "majority_vote",
-           "vote_counts", "update_momentum", "apply_majority", "apply_average")
+KERNELS = ("nonfinite", "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "pack_grads_and_momentum",
+           "majority_vote", "vote_counts", "update_momentum", "apply_majority", "apply_average")
 COLLECTIVES = ("all_to_all_single", "all_gather_single", "all_gather_into_tensor", "all_reduce")
 
 

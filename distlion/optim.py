@@ -29,6 +29,7 @@ from torch import Tensor
 
 from distlion.comm import CommStats, choose_exchange, make_exchange, ring_allreduce_bytes
 from distlion.kernels import kernels_for
+from distlion.kernels.gather import gather_into
 from distlion.layout import Bucket, BucketLayout, build_layout, slot_views
 
 logger = logging.getLogger(__name__)
@@ -223,16 +224,22 @@ class DistLion(torch.optim.Optimizer):
         for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
             group = self.param_groups[bucket.group_index]
             kernels = kernels_for(bucket.device)
-            self._gather_grads(index)
-            if grad_scale is not None:
-                buffers.grads.mul_(grad_scale.double().reciprocal().float())
+            grads, views = self._bucket_grads(index), self._grad_views[index]
             beta1, beta2 = group["betas"]
-            if self._momentum_in_pack(buffers):  # the new momentum goes into the gradient buffer
-                flag = kernels.pack_signs_and_momentum(buffers.grads, buffers.momentum, buffers.bits, buffers.grads,
+            if self._momentum_in_pack(buffers) and grad_scale is None:
+                # the new momentum goes into the gradient buffer; C kernels read p.grad in place
+                flag = kernels.pack_grads_and_momentum(grads, views, buffers.momentum, buffers.bits, buffers.grads,
                                                        beta1=beta1, beta2=beta2, parity=step % 2)
             else:
-                flag = kernels.pack_signs_and_check(buffers.grads, buffers.momentum, buffers.bits, beta1=beta1,
-                                                    parity=step % 2)
+                gather_into(grads, views)
+                if grad_scale is not None:
+                    buffers.grads.mul_(grad_scale.double().reciprocal().float())
+                if self._momentum_in_pack(buffers):
+                    flag = kernels.pack_signs_and_momentum(buffers.grads, buffers.momentum, buffers.bits,
+                                                           buffers.grads, beta1=beta1, beta2=beta2, parity=step % 2)
+                else:
+                    flag = kernels.pack_signs_and_check(buffers.grads, buffers.momentum, buffers.bits, beta1=beta1,
+                                                        parity=step % 2)
             if found_inf is not None:
                 flag = flag | (found_inf.to(flag.device) > 0)
             self._exchange.start(index, buffers.bits, flag.to(torch.uint8))
@@ -293,23 +300,14 @@ class DistLion(torch.optim.Optimizer):
                 kernels.vote_counts(packed, out)
         return vote
 
-    def _gather_grads(self, index: int) -> None:
-        """Copy the bucket's gradients into its flat buffer; a missing gradient is zero."""
-        present, sources, missing = [], [], []
-        for param, view in zip(self._bucket_params[index], self._grad_views[index]):
-            grad = param.grad
-            if grad is None:
-                missing.append(view)
-                continue
-            if grad.is_sparse:
+    def _bucket_grads(self, index: int) -> list[Tensor | None]:
+        """Return the gradients of the bucket's parameters in layout order (None where missing)."""
+        grads = [param.grad for param in self._bucket_params[index]]
+        for param, grad in zip(self._bucket_params[index], grads):
+            if grad is not None and grad.is_sparse:
                 raise RuntimeError(f"DistLion does not support sparse gradients (parameter of shape "
                                    f"{tuple(param.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)")
-            present.append(view)
-            sources.append(grad)
-        if present:
-            torch._foreach_copy_(present, sources)
-        if missing:
-            torch._foreach_zero_(missing)
+        return grads
 
     def _record_skip(self, step: int) -> None:
         self.comm_stats.skipped_steps += 1

@@ -63,7 +63,7 @@ def test_step_breakdown_smoke(tmp_path):
     record = load(tmp_path, "step_breakdown-tiny")
     lion, adamw = record["stages_ms"]["distlion"], record["stages_ms"]["adamw_ddp_phase"]
     # Two ranks: the all-gather exchange; every stage of the real step was timed.
-    assert {"pack_signs_and_momentum", "all_gather_single", "majority_vote", "apply_majority",
+    assert {"pack_grads_and_momentum", "all_gather_single", "majority_vote", "apply_majority",
             "rest", "total"} <= set(lion)
     assert {"all_reduce", "rest", "total"} == set(adamw)
     assert "distlion:" in result.stdout and "adamw_ddp_phase:" in result.stdout

@@ -191,3 +191,36 @@ def test_pack_signs_and_momentum_packs_and_updates(fast, dtype, aliased, threads
     nan = expected_momentum.isnan()  # the nan gradient gives a nan momentum, as in the reference
     assert torch.equal(out.isnan(), nan) and torch.equal(out[~nan], expected_momentum[~nan])
     assert torch.equal(momentum_in, momentum)  # the old momentum is read, never written
+
+
+@pytest.mark.parametrize("fast", FAST)
+def test_pack_grads_and_momentum_reads_scattered_gradients(fast, threads):
+    # parameters of odd sizes, one without a gradient, one non-contiguous, and padding at the end
+    gen = torch.Generator().manual_seed(5)
+    sizes = [3, 517, 64, 1, 2500, 130]
+    numel = 64 * 60  # 3840 > sum(sizes) = 3215: padding
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    grads[2] = None
+    grads[4] = torch.randn(50, 50, generator=gen).t()  # non-contiguous: taken through a gather copy
+    momentum = torch.randn(numel, generator=gen)
+    momentum[sum(sizes):] = 0  # padding momentum stays zero, as in the optimizer
+    flat = torch.zeros(numel)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for g, o, n in zip(grads, offsets, sizes):
+        if g is not None:
+            flat[o:o + n] = g.reshape(-1)
+    expected_bits = torch.empty(numel // 8, dtype=torch.uint8)
+    expected_momentum = momentum.clone()
+    reference.pack_signs(flat, momentum, expected_bits, beta1=0.9, parity=1)
+    reference.update_momentum(flat, expected_momentum, beta2=0.99)
+    for contiguous in (False, True):  # with and without the non-contiguous gradient
+        if contiguous:
+            grads[4] = grads[4].contiguous()
+        scratch = torch.full((numel,), 7.0)  # old contents of the slots must not leak into the result
+        scratch[sum(sizes):] = 0  # padding holds zero, as the optimizer keeps it
+        shapes = [(n,) if g is None else g.shape for g, n in zip(grads, sizes)]
+        views = [scratch[o:o + n].view(shape) for o, n, shape in zip(offsets, sizes, shapes)]
+        bits = torch.empty_like(expected_bits)
+        flag = fast.pack_grads_and_momentum(grads, views, momentum, bits, scratch, beta1=0.9, beta2=0.99, parity=1)
+        assert torch.equal(bits, expected_bits) and not bool(flag)
+        assert torch.equal(scratch, expected_momentum)

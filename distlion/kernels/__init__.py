@@ -24,6 +24,12 @@ means +1):
     ``pack_signs_and_check``, and momentum_out <- the momentum ``update_momentum`` would
     write, from the same read of grad and momentum; ``momentum_out`` may be ``grad``
     itself (the optimizer then swaps the two buffers once the step is agreed).
+``pack_grads_and_momentum(grads, views, momentum, out, momentum_out, *, beta1, beta2, parity) -> Tensor``
+    ``pack_signs_and_momentum`` of the bucket's gradient, given as the parameters'
+    gradients (None: zero) and their ``views`` of ``momentum_out`` (shaped like the
+    gradients; coordinates outside the views must hold zero, as bucket padding does):
+    the plain versions gather the gradients into those views first, the C kernels read
+    them in place.
 ``update_momentum(grad, momentum, *, beta2)``
     momentum <- fp32(momentum)*beta2 + fp32(grad)*(1-beta2), stored in momentum's dtype.
 ``nonfinite(grad) -> Tensor``

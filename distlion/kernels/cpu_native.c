@@ -81,6 +81,43 @@ int dl_pack_signs(const float *g, const float *m, uint8_t *out, float *m_out, in
     return (int)nonfinite;
 }
 
+/* dl_pack_signs over coordinates [lo, hi) of a bucket whose gradient is scattered over
+ * nseg segments (segment i covers [start[i], start[i] + len[i]), read from grads[i], or
+ * zeros where grads[i] is NULL; coordinates no segment covers are zeros). Each tile of
+ * coordinates is gathered into a buffer that stays in L1, so the gradients are read
+ * from memory once and never copied into the bucket. lo is a multiple of 512. */
+#define DL_TILE 2048
+int dl_pack_segments(const float *const *grads, const int64_t *start, const int64_t *len, int nseg,
+                     const float *m, uint8_t *out, float *m_out, int64_t lo, int64_t hi, float beta1,
+                     float one_minus_beta1, float beta2, float one_minus_beta2, int parity) {
+    float tile[DL_TILE];
+    int found = 0, s = 0;
+    for (int64_t t = lo; t < hi; t += DL_TILE) {
+        const int64_t end = t + DL_TILE < hi ? t + DL_TILE : hi;
+        int64_t pos = t;
+        while (pos < end) {
+            while (s < nseg && start[s] + len[s] <= pos) s++;
+            if (s == nseg || start[s] >= end) {
+                memset(tile + (pos - t), 0, (size_t)(end - pos) * sizeof(float));
+                break;
+            }
+            if (start[s] > pos) {
+                memset(tile + (pos - t), 0, (size_t)(start[s] - pos) * sizeof(float));
+                pos = start[s];
+            }
+            const int64_t stop = start[s] + len[s] < end ? start[s] + len[s] : end;
+            if (grads[s] != NULL)
+                memcpy(tile + (pos - t), grads[s] + (pos - start[s]), (size_t)(stop - pos) * sizeof(float));
+            else
+                memset(tile + (pos - t), 0, (size_t)(stop - pos) * sizeof(float));
+            pos = stop;
+        }
+        found |= dl_pack_signs(tile, m + t, out + t / 8, m_out + t, end - t, beta1, one_minus_beta1, beta2,
+                               one_minus_beta2, parity);
+    }
+    return found;
+}
+
 /* m <- m*beta2 + g*(1-beta2) */
 void dl_update_momentum(const float *g, float *m, int64_t n, float beta2, float one_minus_beta2) {
     int64_t i = 0;

@@ -45,6 +45,7 @@ _ALIGN = 512  # thread ranges start at multiples of 512 coordinates (64 bytes of
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "dl_pack_signs": ([_P, _P, _P, _P, _I64, _F32, _F32, _F32, _F32, _INT], _INT),
+    "dl_pack_segments": ([_P, _P, _P, _INT, _P, _P, _P, _I64, _I64, _F32, _F32, _F32, _F32, _INT], _INT),
     "dl_update_momentum": ([_P, _P, _I64, _F32, _F32], None),
     "dl_nonfinite": ([_P, _I64], _INT),
     "dl_majority_vote": ([_P, _I64, _INT, _P, _I64, _INT], None),
@@ -165,6 +166,24 @@ def pack_signs_and_check(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: 
 def pack_signs_and_momentum(grad: Tensor, momentum: Tensor, out: Tensor, momentum_out: Tensor, *, beta1: float,
                             beta2: float, parity: int) -> Tensor:
     return _pack(grad, momentum, out, momentum_out, beta1=beta1, beta2=beta2, parity=parity)
+
+
+def pack_grads_and_momentum(grads: list[Tensor | None], views: list[Tensor], momentum: Tensor, out: Tensor,
+                            momentum_out: Tensor, *, beta1: float, beta2: float, parity: int) -> Tensor:
+    """Read the gradients where they are (no copy into the bucket), pack, check and write the new momentum."""
+    if not (_native(momentum, momentum_out, *grads) and _native(out, dtypes=(torch.uint8,))):
+        return torch_fast.pack_grads_and_momentum(grads, views, momentum, out, momentum_out, beta1=beta1,
+                                                  beta2=beta2, parity=parity)
+    lib = library()
+    count = len(views)
+    base = momentum_out.data_ptr()
+    pointers = (ctypes.c_void_p * count)(*[None if g is None else g.data_ptr() for g in grads])
+    starts = (ctypes.c_int64 * count)(*[(v.data_ptr() - base) // 4 for v in views])
+    lengths = (ctypes.c_int64 * count)(*[v.numel() for v in views])
+    found = _split(momentum.numel(), lambda lo, hi: lib.dl_pack_segments(
+        pointers, starts, lengths, count, momentum.data_ptr(), out.data_ptr(), momentum_out.data_ptr(), lo, hi,
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2, parity))
+    return torch.tensor(any(found))
 
 
 def _pack(grad: Tensor, momentum: Tensor, out: Tensor, momentum_out: Tensor | None, *, beta1: float, beta2: float,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from distlion.kernels.gather import gather_into
+
 _BIT_WEIGHTS = [1 << j for j in range(8)]  # bit j of byte k is coordinate 8k + j
 
 
@@ -56,6 +58,12 @@ def pack_signs_and_momentum(grad: Tensor, momentum: Tensor, out: Tensor, momentu
     new = (momentum.float() * beta2).add(grad.float(), alpha=1.0 - beta2)
     momentum_out.copy_(new)  # may be grad itself: everything was read above
     return flag
+
+def pack_grads_and_momentum(grads: list[Tensor | None], views: list[Tensor], momentum: Tensor, out: Tensor,
+                            momentum_out: Tensor, *, beta1: float, beta2: float, parity: int) -> Tensor:
+    gather_into(grads, views)  # views are of momentum_out: it holds the gradient, then the new momentum
+    return pack_signs_and_momentum(momentum_out, momentum, out, momentum_out, beta1=beta1, beta2=beta2,
+                                   parity=parity)
 
 def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
     new = (momentum.float() * beta2).add(grad.float(), alpha=1.0 - beta2)

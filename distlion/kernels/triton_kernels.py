@@ -37,8 +37,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from distlion.kernels.gather import gather_into
+
 __all__ = [
-    "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "update_momentum", "nonfinite", "majority_vote", "vote_counts",
+    "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "pack_grads_and_momentum", "update_momentum", "nonfinite", "majority_vote", "vote_counts",
     "apply_majority", "apply_average",
 ]
 
@@ -200,6 +202,12 @@ def _pack(grad: Tensor, momentum: Tensor, out: Tensor, flag: Tensor | None, mome
         WRITE_MOMENTUM=momentum_out is not None, BYTES=bytes_per_program, num_warps=NUM_WARPS,
         enable_fp_fusion=False)
 
+
+def pack_grads_and_momentum(grads: list[Tensor | None], views: list[Tensor], momentum: Tensor, out: Tensor,
+                            momentum_out: Tensor, *, beta1: float, beta2: float, parity: int) -> Tensor:
+    gather_into(grads, views)  # views are of momentum_out: it holds the gradient, then the new momentum
+    return pack_signs_and_momentum(momentum_out, momentum, out, momentum_out, beta1=beta1, beta2=beta2,
+                                   parity=parity)
 
 @triton.jit
 def _update_momentum_kernel(grad_ptr, mom_ptr, numel, beta2, one_minus_beta2,

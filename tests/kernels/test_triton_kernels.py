@@ -239,6 +239,27 @@ def test_pack_signs_and_momentum(block, dtype, aliased):
     assert_bitwise(m, momentum)
     assert not flag.item()
 
+
+def test_pack_grads_and_momentum(block):
+    d = SIZES[1]
+    sizes = [5, 1000, d - 64 - 1005]  # 64 coordinates of padding
+    grad, momentum = _values(d, F32, 13), _values(d, F32, 14)
+    grad[sum(sizes):] = 0
+    momentum[sum(sizes):] = 0
+    expected_bits = torch.empty(d // 8, dtype=torch.uint8)
+    reference.pack_signs(grad, momentum, expected_bits, beta1=0.9, parity=0)
+    expected_momentum = momentum.clone()
+    reference.update_momentum(grad, expected_momentum, beta2=0.99)
+    scratch = torch.zeros(d, device=DEVICE)
+    views = list(scratch.split(sizes + [64]))[:3]
+    grads = [dev(g) for g in grad.split(sizes + [64])[:3]]
+    bits = torch.empty(d // 8, dtype=torch.uint8, device=DEVICE)
+    flag = triton_kernels.pack_grads_and_momentum(grads, views, dev(momentum), bits, scratch, beta1=0.9,
+                                                  beta2=0.99, parity=0)
+    assert_bitwise(bits, expected_bits)
+    assert_bitwise(scratch, expected_momentum)
+    assert not flag.item()
+
 def _pack(bits: torch.Tensor) -> torch.Tensor:
     """Pack bools [..., 8k] into bytes, bit j of byte k = coordinate 8k + j."""
     weights = 2 ** torch.arange(8, dtype=torch.int32)
