@@ -7,10 +7,12 @@ votes are counted with ``sum``. The signatures are the ones every implementation
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
-from distlion.kernels.gather import gather_into
+from distlion.kernels.gather import pack_after_gather
 
 _BIT_WEIGHTS = [1 << j for j in range(8)]  # bit j of byte k is coordinate 8k + j
 
@@ -59,11 +61,7 @@ def pack_signs_and_momentum(grad: Tensor, momentum: Tensor, out: Tensor, momentu
     momentum_out.copy_(new)  # may be grad itself: everything was read above
     return flag
 
-def pack_grads_and_momentum(grads: list[Tensor | None], views: list[Tensor], momentum: Tensor, out: Tensor,
-                            momentum_out: Tensor, *, beta1: float, beta2: float, parity: int) -> Tensor:
-    gather_into(grads, views)  # views are of momentum_out: it holds the gradient, then the new momentum
-    return pack_signs_and_momentum(momentum_out, momentum, out, momentum_out, beta1=beta1, beta2=beta2,
-                                   parity=parity)
+pack_grads_and_momentum = partial(pack_after_gather, pack_signs_and_momentum)
 
 def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
     new = (momentum.float() * beta2).add(grad.float(), alpha=1.0 - beta2)

@@ -8,12 +8,14 @@ Results are bitwise equal to ``distlion.kernels.reference``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from distlion.kernels import reference
-from distlion.kernels.gather import gather_into
+from distlion.kernels.gather import pack_after_gather
 
 CHUNK = 1 << 16  # coordinates per chunk: temporaries of ~0.5 MB stay in L2
 
@@ -111,11 +113,7 @@ def pack_signs_and_momentum(grad: Tensor, momentum: Tensor, out: Tensor, momentu
         momentum_out[lo:hi].copy_(new[:n])
     return flag
 
-def pack_grads_and_momentum(grads: list[Tensor | None], views: list[Tensor], momentum: Tensor, out: Tensor,
-                            momentum_out: Tensor, *, beta1: float, beta2: float, parity: int) -> Tensor:
-    gather_into(grads, views)  # views are of momentum_out: it holds the gradient, then the new momentum
-    return pack_signs_and_momentum(momentum_out, momentum, out, momentum_out, beta1=beta1, beta2=beta2,
-                                   parity=parity)
+pack_grads_and_momentum = partial(pack_after_gather, pack_signs_and_momentum)
 
 def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
     if momentum.dtype == torch.float32 and grad.dtype == torch.float32:

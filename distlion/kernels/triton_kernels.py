@@ -29,6 +29,8 @@ because each program of the interpreter is one round of numpy calls.
 
 from __future__ import annotations
 
+from functools import partial
+
 import os
 import struct
 
@@ -37,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from distlion.kernels.gather import gather_into
+from distlion.kernels.gather import pack_after_gather
 
 __all__ = [
     "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "pack_grads_and_momentum", "update_momentum", "nonfinite", "majority_vote", "vote_counts",
@@ -203,11 +205,7 @@ def _pack(grad: Tensor, momentum: Tensor, out: Tensor, flag: Tensor | None, mome
         enable_fp_fusion=False)
 
 
-def pack_grads_and_momentum(grads: list[Tensor | None], views: list[Tensor], momentum: Tensor, out: Tensor,
-                            momentum_out: Tensor, *, beta1: float, beta2: float, parity: int) -> Tensor:
-    gather_into(grads, views)  # views are of momentum_out: it holds the gradient, then the new momentum
-    return pack_signs_and_momentum(momentum_out, momentum, out, momentum_out, beta1=beta1, beta2=beta2,
-                                   parity=parity)
+pack_grads_and_momentum = partial(pack_after_gather, pack_signs_and_momentum)
 
 @triton.jit
 def _update_momentum_kernel(grad_ptr, mom_ptr, numel, beta2, one_minus_beta2,
