@@ -43,6 +43,7 @@ from distlion import DistLion  # noqa: E402
 from launch.comm_hooks import HOOKS, AllReduceCounter, DeferredAllReduce, deferring_hook  # noqa: E402
 from launch.model import GPT, GPTConfig  # noqa: E402
 from launch.report import machine_info, today  # noqa: E402
+from launch.worker_exit import exit_worker  # noqa: E402
 
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 # Other work on the machine slows every timing: the results record the load before and after.
@@ -122,11 +123,12 @@ def join_group() -> tuple[int, int]:
 
 
 def finish_worker(result_path: str, payload: dict) -> None:
+    """Rank 0 writes ``payload``; then every rank waits for the others and ends its process."""
     if dist.get_rank() == 0:
         with open(result_path, "w") as f:
             json.dump(payload, f)
     dist.barrier()
-    dist.destroy_process_group()
+    exit_worker()
 
 
 def make_batch(config: GPTConfig, batch_size: int, seq_len: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,6 +59,7 @@ from distlion import DistLion  # noqa: E402
 from launch.comm_hooks import AllReduceCounter, counting_allreduce_hook  # noqa: E402
 from launch.data import TrainWindows, check_fits, load_corpus, train_batch, validation_batches  # noqa: E402
 from launch.model import GPT, GPTConfig  # noqa: E402
+from launch.worker_exit import exit_worker  # noqa: E402
 
 OPTIMIZERS = ("distlion", "adamw", "lion")
 # Lion guidance (Chen et al. 2023): lr 3-10x smaller than AdamW's and weight decay 3-10x
@@ -522,3 +523,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_worker()  # past this point only the interpreter teardown is left; see launch/worker_exit.py

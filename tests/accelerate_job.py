@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import distlion.accelerate
 from distlion import DistLion
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch.worker_exit import exit_worker  # noqa: E402
 
 BATCH = 4
 MICRO_STEPS = 4
@@ -245,3 +249,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()

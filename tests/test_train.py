@@ -158,3 +158,26 @@ def test_corpus_split_is_deterministic_and_user_file_works(tmp_path):
     text.write_bytes(b"abcdefghij" * 100)
     user = load_corpus(str(text))
     assert (user.train.numel(), user.val.numel()) == (900, 100)
+
+
+EXIT_WORKER_SCRIPT = """
+import sys, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+from launch.worker_exit import exit_worker
+dist.init_process_group("gloo", init_method="file://" + {init!r}, rank=0, world_size=1)
+print("written before the exit", end="")  # no newline: still buffered when exit_worker runs
+sys.stderr.write("and on stderr")
+exit_worker(3)
+print("never reached")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_exit_worker_flushes_and_keeps_the_exit_status(tmp_path):
+    """exit_worker skips the interpreter teardown, so it must flush what was printed itself."""
+    script = EXIT_WORKER_SCRIPT.format(repo=REPO, init=str(tmp_path / "rendezvous"))
+    buffered = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50, env=buffered)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "written before the exit"
+    assert result.stderr.endswith("and on stderr")
