@@ -110,8 +110,18 @@ class GPT(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.view(-1, VOCAB_SIZE), targets.reshape(-1))
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Split parameters: matrices and embeddings decay, biases and LayerNorm gains do not."""
-        decay = [p for p in self.parameters() if p.dim() >= 2]
+    def param_groups(self, weight_decay: float, embedding_lr_scale: float = 1.0) -> list[dict]:
+        """Split parameters: matrices and embeddings decay, biases and LayerNorm gains do not.
+
+        With ``embedding_lr_scale`` != 1 the token and position embeddings (the token one
+        is also the output layer) form a group of their own whose ``lr_scale`` says what
+        multiple of the scheduled lr it takes; every group carries an ``lr_scale``.
+        """
+        embeddings = [self.tok.weight, self.pos.weight] if embedding_lr_scale != 1.0 else []
+        separate = {id(p) for p in embeddings}
+        decay = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in separate]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0}]
+        if embeddings:
+            groups.append({"params": embeddings, "weight_decay": weight_decay, "lr_scale": embedding_lr_scale})
+        return groups + [{"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]

@@ -68,13 +68,14 @@ OPTIMIZERS = ("distlion", "adamw", "lion")
 # Lion's usual 0.99: over a few hundred steps the zero-initialised momentum then stays
 # small and the sign follows the fresh gradient more. Chosen by a sweep on the demo task
 # (4 workers, 300 steps, seed 0; benchmarks/results/lion_sweep-*.json): with beta2 = 0.99
-# the best lr (3e-4) ended 7% above AdamW and larger lrs stalled near 2.88; with 0.999,
-# lr 1e-3 ended 0.6% below AdamW. Seed 0 is AdamW's worst of three, though: over seeds
-# 0-2 DistLion ends 9% above AdamW (benchmarks/results/convergence-*.json).
+# the best lr (3e-4) ended 7% above AdamW and larger lrs stalled near 2.88. The embeddings
+# (the token one is also the output layer) take 10x the lr: of the changes tried on one
+# process (benchmarks/results/lion_gap-*.json: embedding lr 0.1x-30x, 10x lr for norms and
+# biases, beta2 0.99, a 4x batch), it narrowed the gap to AdamW most, with 10x the best scale.
 DEFAULT_HYPERPARAMETERS = {
-    "adamw": {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)},
-    "distlion": {"lr": 1e-3, "weight_decay": 0.3, "betas": (0.9, 0.999)},
-    "lion": {"lr": 1e-3, "weight_decay": 0.3, "betas": (0.9, 0.999)},
+    "adamw": {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "embedding_lr_scale": 1.0},
+    "distlion": {"lr": 1e-3, "weight_decay": 0.3, "betas": (0.9, 0.999), "embedding_lr_scale": 10.0},
+    "lion": {"lr": 1e-3, "weight_decay": 0.3, "betas": (0.9, 0.999), "embedding_lr_scale": 10.0},
 }
 
 
@@ -84,6 +85,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
 
 
@@ -107,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--weight_decay", type=_non_negative_float, default=None,
                      help="decoupled weight decay of matrices and embeddings (default: 0.1 for adamw, 0.3 for "
                           "distlion and lion)")
+    opt.add_argument("--embedding_lr_scale", type=_positive_float, default=None,
+                     help="the token and position embeddings (the token one is also the output layer) take this "
+                          "multiple of the lr (default: 1 for adamw, 10 for distlion and lion)")
     opt.add_argument("--betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
                      help="default: 0.9 0.95 for adamw, 0.9 0.999 for distlion and lion")
     opt.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up (default: 10%% of --steps)")
@@ -281,7 +292,7 @@ def _plain_batches(corpus, args, session: Session) -> Iterator:
 
 def plain_engine(args, model: GPT, corpus, session: Session) -> Engine:
     """Single process or torchrun: DistLion bare; AdamW and global Lion inside DDP with a counting hook."""
-    optimizer = build_optimizer(args, model.param_groups(args.weight_decay), session)
+    optimizer = build_optimizer(args, model.param_groups(args.weight_decay, args.embedding_lr_scale), session)
     batches = _plain_batches(corpus, args, session)
     step = _step_and_clear(optimizer)
     if not session.distributed:
@@ -300,7 +311,7 @@ def plain_engine(args, model: GPT, corpus, session: Session) -> Engine:
 def accelerate_engine(args, model: GPT, corpus, session: Session) -> Engine:
     """Under `accelerate launch`: a sharded DataLoader, and prepare() from distlion for DistLion."""
     accelerator = session.accelerator
-    optimizer = build_optimizer(args, model.param_groups(args.weight_decay), session)
+    optimizer = build_optimizer(args, model.param_groups(args.weight_decay, args.embedding_lr_scale), session)
     loader = torch.utils.data.DataLoader(
         TrainWindows(corpus, steps=args.steps, world_size=session.world_size, batch_size=args.batch_size,
                      block_size=args.block_size, seed=args.seed), batch_size=args.batch_size, shuffle=False)
@@ -331,11 +342,11 @@ def deepspeed_engine(args, model: GPT, corpus, session: Session) -> Engine:
         from deepspeed import initialize
     if args.optimizer == "distlion":
         # DistLion comes from the config's "DistLion" entry, as a DeepSpeed user writes it.
-        engine, optimizer, _, _ = initialize(model=model, model_parameters=model.param_groups(args.weight_decay),
+        engine, optimizer, _, _ = initialize(model=model, model_parameters=model.param_groups(args.weight_decay, args.embedding_lr_scale),
                                              config=args.deepspeed_config)
     else:
         # A callable, so the optimizer is built on the parameters DeepSpeed has cast and moved.
-        engine, optimizer, _, _ = initialize(model=model, model_parameters=model.param_groups(args.weight_decay),
+        engine, optimizer, _, _ = initialize(model=model, model_parameters=model.param_groups(args.weight_decay, args.embedding_lr_scale),
                                              optimizer=lambda groups: build_optimizer(args, groups, session),
                                              config=args.deepspeed_config)
     bytes_sent = _distlion_bytes(optimizer) if args.optimizer == "distlion" else (lambda: None)
@@ -446,7 +457,7 @@ def train(args: argparse.Namespace) -> dict:
     for step in range(args.steps):
         t0 = time.perf_counter()
         for group in engine.optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args) * group.get("lr_scale", 1.0)
         x, y = next(engine.batches)
         loss = engine.forward(x, y)
         engine.backward(loss)

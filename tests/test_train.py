@@ -181,3 +181,16 @@ def test_exit_worker_flushes_and_keeps_the_exit_status(tmp_path):
     assert result.returncode == 3, result.stderr
     assert result.stdout == "written before the exit"
     assert result.stderr.endswith("and on stderr")
+
+
+def test_embedding_lr_scale_groups():
+    """--embedding_lr_scale puts the embeddings (tied output layer included) in a group of their own."""
+    from launch.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(1, 2, 32, 16))
+    assert [g["lr_scale"] for g in model.param_groups(0.3)] == [1.0, 1.0]  # unchanged layout by default
+    groups = model.param_groups(0.3, embedding_lr_scale=10.0)
+    assert [(g["lr_scale"], g["weight_decay"]) for g in groups] == [(1.0, 0.3), (10.0, 0.3), (1.0, 0.0)]
+    assert groups[1]["params"] == [model.tok.weight, model.pos.weight]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
