@@ -267,6 +267,10 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], session: Sessi
                     exchange=args.exchange, process_group=process_group)
 
 
+def _param_groups(model: GPT, args: argparse.Namespace) -> list[dict]:
+    return model.param_groups(args.weight_decay, args.embedding_lr_scale)
+
+
 def _find_distlion(optimizer: Any) -> DistLion | None:
     """Unwrap optimizer wrappers (Accelerate, DeepSpeed) down to a DistLion, if there is one."""
     seen = set()
@@ -292,7 +296,7 @@ def _plain_batches(corpus, args, session: Session) -> Iterator:
 
 def plain_engine(args, model: GPT, corpus, session: Session) -> Engine:
     """Single process or torchrun: DistLion bare; AdamW and global Lion inside DDP with a counting hook."""
-    optimizer = build_optimizer(args, model.param_groups(args.weight_decay, args.embedding_lr_scale), session)
+    optimizer = build_optimizer(args, _param_groups(model, args), session)
     batches = _plain_batches(corpus, args, session)
     step = _step_and_clear(optimizer)
     if not session.distributed:
@@ -311,7 +315,7 @@ def plain_engine(args, model: GPT, corpus, session: Session) -> Engine:
 def accelerate_engine(args, model: GPT, corpus, session: Session) -> Engine:
     """Under `accelerate launch`: a sharded DataLoader, and prepare() from distlion for DistLion."""
     accelerator = session.accelerator
-    optimizer = build_optimizer(args, model.param_groups(args.weight_decay, args.embedding_lr_scale), session)
+    optimizer = build_optimizer(args, _param_groups(model, args), session)
     loader = torch.utils.data.DataLoader(
         TrainWindows(corpus, steps=args.steps, world_size=session.world_size, batch_size=args.batch_size,
                      block_size=args.block_size, seed=args.seed), batch_size=args.batch_size, shuffle=False)
@@ -342,11 +346,11 @@ def deepspeed_engine(args, model: GPT, corpus, session: Session) -> Engine:
         from deepspeed import initialize
     if args.optimizer == "distlion":
         # DistLion comes from the config's "DistLion" entry, as a DeepSpeed user writes it.
-        engine, optimizer, _, _ = initialize(model=model, model_parameters=model.param_groups(args.weight_decay, args.embedding_lr_scale),
+        engine, optimizer, _, _ = initialize(model=model, model_parameters=_param_groups(model, args),
                                              config=args.deepspeed_config)
     else:
         # A callable, so the optimizer is built on the parameters DeepSpeed has cast and moved.
-        engine, optimizer, _, _ = initialize(model=model, model_parameters=model.param_groups(args.weight_decay, args.embedding_lr_scale),
+        engine, optimizer, _, _ = initialize(model=model, model_parameters=_param_groups(model, args),
                                              optimizer=lambda groups: build_optimizer(args, groups, session),
                                              config=args.deepspeed_config)
     bytes_sent = _distlion_bytes(optimizer) if args.optimizer == "distlion" else (lambda: None)
