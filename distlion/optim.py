@@ -243,20 +243,25 @@ class DistLion(torch.optim.Optimizer):
             if found_inf is not None:
                 flag = flag | (found_inf.to(flag.device) > 0)
             self._exchange.start(index, buffers.bits, flag.to(torch.uint8))
-        voted, skip = [], None
+        # Vote on every bucket; the flags arrive with the signs, so the skip is decided here
+        # while the voted bits of the two-phase exchange are still on their way.
         vote = self._vote_fn(step)
+        skip = None
         for index in range(len(self._buffers)):
-            planes, any_nonfinite = self._exchange.finish(index, vote)
-            voted.append(planes)
+            any_nonfinite = self._exchange.vote(index, vote)
             skip = any_nonfinite if skip is None else skip | any_nonfinite
         self.comm_stats.steps += 1
         self.comm_stats.allreduce_fp32_bytes += ring_allreduce_bytes(4 * self.layout.numel, self.world_size)  # fp32 gradients
         # DeepSpeed's engine reads ``overflow`` to count skips and hold its LR scheduler.
         self.overflow = skip is not None and bool(skip)
         if self.overflow:
+            for index in range(len(self._buffers)):
+                self._exchange.finish(index)  # collect the votes in flight; nothing is applied
             self._record_skip(step)
             return loss
+        # Apply each bucket as its votes arrive, while the next bucket's are still travelling.
         for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
+            voted = self._exchange.finish(index)
             group = self.param_groups[bucket.group_index]
             kernels = kernels_for(bucket.device)
             if self._momentum_in_pack(buffers):
@@ -264,10 +269,10 @@ class DistLion(torch.optim.Optimizer):
             else:
                 kernels.update_momentum(buffers.grads, buffers.momentum, beta2=group["betas"][1])
             if self.vote == "majority":
-                kernels.apply_majority(buffers.params, voted[index][0], lr=group["lr"],
+                kernels.apply_majority(buffers.params, voted[0], lr=group["lr"],
                                        weight_decay=group["weight_decay"], master=buffers.master)
             else:
-                kernels.apply_average(buffers.params, voted[index], world_size=self.world_size, lr=group["lr"],
+                kernels.apply_average(buffers.params, voted, world_size=self.world_size, lr=group["lr"],
                                       weight_decay=group["weight_decay"], master=buffers.master)
         self._step = step
         return loss

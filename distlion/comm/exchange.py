@@ -1,13 +1,17 @@
 """Sign exchanges: move packed sign bits between ranks and return the voted bits.
 
-Every exchange has two methods. ``start`` takes this rank's packed bits of one bucket
-and a one-byte non-finite flag and launches the first collective without waiting, so
-the caller packs the next bucket while these bytes travel. ``finish`` waits for it,
-calls ``vote`` on the packed bits gathered (the vote itself is a kernel, passed in, so
-this module only moves bytes), and returns the voted bit-planes of the whole bucket
-plus the flag OR-ed over all ranks. The flag rides in the same collective as the
-signs, so agreeing on a skip costs no extra round trip. Buckets are finished in the
-order they were started.
+Every exchange takes a bucket through three calls, in bucket order at each stage:
+
+- ``start`` takes this rank's packed bits of the bucket and a one-byte non-finite flag
+  and launches the first collective without waiting, so the caller packs the next
+  bucket while these bytes travel.
+- ``vote`` waits for it, calls the vote on the packed bits gathered (the vote itself
+  is a kernel, passed in, so this module only moves bytes), launches whatever
+  collective remains without waiting, and returns the flag OR-ed over all ranks. The
+  flag rides in the first collective, so agreeing on a skip costs no extra round trip,
+  and every rank knows whether to skip the step before any voted bit has come back.
+- ``finish`` waits for the rest and returns the voted bit-planes of the whole bucket,
+  so the caller applies bucket i while the votes of bucket i+1 travel.
 
 - ``TwoPhaseExchange``: all_to_all of the packed signs, each rank votes on its 1/N
   chunk, all_gather of the voted chunks. ~2(N-1)/N bytes per 8 coordinates, flat in N.
@@ -36,11 +40,15 @@ class SignExchange(Protocol):
     stats: CommStats
 
     def start(self, bucket: int, local_bits: Tensor, nonfinite: Tensor) -> None:
-        """Launch the exchange of ``bucket``; leave ``local_bits`` unchanged until ``finish``."""
+        """Launch the exchange of ``bucket``; leave ``local_bits`` unchanged until ``vote``."""
         ...
 
-    def finish(self, bucket: int, vote: VoteFn) -> tuple[Tensor, Tensor]:
-        """Return (voted planes [P, nbytes], non-finite flag of any rank as a 0-dim bool)."""
+    def vote(self, bucket: int, vote: VoteFn) -> Tensor:
+        """Vote on ``bucket``'s gathered bits; return the non-finite flag of any rank as a 0-dim bool."""
+        ...
+
+    def finish(self, bucket: int) -> Tensor:
+        """Return ``bucket``'s voted planes [P, nbytes]; call once per ``vote``, also on a skipped step."""
         ...
 
 
@@ -68,10 +76,13 @@ class LocalExchange:
     def start(self, bucket, local_bits, nonfinite):
         self._started[bucket] = (local_bits, nonfinite)
 
-    def finish(self, bucket, vote):
+    def vote(self, bucket, vote):
         local_bits, nonfinite = self._started.pop(bucket)
         vote(local_bits.view(1, -1), self._voted[bucket])
-        return self._voted[bucket], nonfinite.bool()
+        return nonfinite.bool()
+
+    def finish(self, bucket):
+        return self._voted[bucket]
 
 
 class _Collective:
@@ -85,7 +96,7 @@ class _Collective:
         self.transport = _transport_device(group, device)
         self.stats = stats
         self._voted = [torch.empty(planes, n, dtype=torch.uint8, device=device) for n in bucket_bytes]
-        self._pending: dict[int, Any] = {}  # bucket -> the work handle of its first collective
+        self._pending: dict[int, Any] = {}  # bucket -> the work handle of the collective in flight
 
     def _wait(self, bucket: int) -> None:
         self._pending.pop(bucket).wait()
@@ -118,20 +129,26 @@ class TwoPhaseExchange(_Collective):
         send[:, chunk].copy_(nonfinite)
         self._pending[bucket] = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
 
-    def finish(self, bucket, vote):
-        n = self.world_size
+    def vote(self, bucket, vote):
         recv, packed = self._recv[bucket], self._packed[bucket]
         chunk = packed.shape[1]
         self._wait(bucket)
         packed.copy_(recv[:, :chunk])
         vote(packed, self._chunk_vote[bucket])
-        _all_gather_flat(self._gathered[bucket], self._chunk_vote[bucket], self.group)
+        self._pending[bucket] = _all_gather_flat(self._gathered[bucket], self._chunk_vote[bucket], self.group,
+                                                 async_op=True)
+        return recv[:, chunk].to(self.device).any()
+
+    def finish(self, bucket):
+        n = self.world_size
+        chunk = self._packed[bucket].shape[1]
+        self._wait(bucket)
         voted = self._voted[bucket]
         # [N, P, C] -> [P, N*C]: plane p of the bucket is the N chunks of plane p in rank order
         voted.view(self.planes, n, chunk).copy_(self._gathered[bucket].transpose(0, 1))
         self._count(sent=(n - 1) * (chunk + FLAG_BYTES + self.planes * chunk),
                     received=(n - 1) * (chunk + FLAG_BYTES + self.planes * chunk))
-        return voted, recv[:, chunk].to(self.device).any()
+        return voted
 
 
 class AllGatherExchange(_Collective):
@@ -155,7 +172,7 @@ class AllGatherExchange(_Collective):
         send[nbytes].copy_(nonfinite)
         self._pending[bucket] = _all_gather_flat(self._gathered[bucket], send, self.group, async_op=True)
 
-    def finish(self, bucket, vote):
+    def vote(self, bucket, vote):
         n = self.world_size
         gathered, packed = self._gathered[bucket], self._packed[bucket]
         nbytes = packed.shape[1]
@@ -166,7 +183,10 @@ class AllGatherExchange(_Collective):
         if self._vote_out[bucket] is not voted:
             voted.copy_(self._vote_out[bucket])
         self._count(sent=(n - 1) * (nbytes + FLAG_BYTES), received=(n - 1) * (nbytes + FLAG_BYTES))
-        return voted, gathered[:, nbytes].to(self.device).any()
+        return gathered[:, nbytes].to(self.device).any()
+
+    def finish(self, bucket):
+        return self._voted[bucket]  # one collective: the votes were complete in ``vote``
 
 
 EXCHANGES = {"two_phase": TwoPhaseExchange, "all_gather": AllGatherExchange}
