@@ -2,7 +2,7 @@
 
 Pre-LayerNorm transformer blocks, causal self-attention through
 ``scaled_dot_product_attention``, a GELU MLP, and an output layer tied to the token
-embedding. Bytes are the tokens, so the vocabulary is 256 and no tokenizer is needed.
+embedding (or a separate one, ``tied_output=False``). Bytes are the tokens, so the vocabulary is 256 and no tokenizer is needed.
 The model holds no buffers: DDP then has nothing to broadcast on each forward, so the
 bytes it sends are the gradient all-reduce alone.
 """
@@ -28,6 +28,7 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 128
+    tied_output: bool = True  # the output layer is the token embedding
 
     def __post_init__(self):
         bad = {name: value for name, value in (("n_layer", self.n_layer), ("n_head", self.n_head),
@@ -43,7 +44,8 @@ class GPTConfig:
     def num_parameters(self) -> int:
         d = self.n_embd
         per_block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-        return VOCAB_SIZE * d + self.block_size * d + self.n_layer * per_block + 2 * d
+        head = 0 if self.tied_output else VOCAB_SIZE * d
+        return VOCAB_SIZE * d + self.block_size * d + self.n_layer * per_block + 2 * d + head
 
 
 class CausalSelfAttention(nn.Module):
@@ -90,6 +92,10 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith(("attn.proj.weight", "out.weight")):
                 nn.init.normal_(param, std=0.02 / math.sqrt(2 * config.n_layer))
+        # Made last, so every other weight starts as in the tied model of the same seed.
+        self.head = None if config.tied_output else nn.Linear(config.n_embd, VOCAB_SIZE, bias=False)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=0.02)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -105,7 +111,8 @@ class GPT(nn.Module):
         x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
         for block in self.blocks:
             x = block(x)
-        logits = F.linear(self.ln_f(x), self.tok.weight)  # output layer tied to the embedding
+        output = self.tok.weight if self.head is None else self.head.weight
+        logits = F.linear(self.ln_f(x), output)
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.view(-1, VOCAB_SIZE), targets.reshape(-1))

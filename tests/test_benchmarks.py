@@ -9,10 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
+import lion_gap  # noqa: E402
 import netlink  # noqa: E402
 import scaling  # noqa: E402
 
@@ -119,3 +121,37 @@ def test_netlink_smoke_or_clean_skip(tmp_path):
     for name in ("distlion", "adamw_ddp"):
         assert run[name]["wire_tx_bytes_per_step"] >= run[name]["bytes_sent_per_step"]
     assert run["ratios"]["counted_bytes_adamw_over_distlion"] > 30
+
+
+@pytest.mark.timeout(180)
+def test_lion_gap_smoke(tmp_path):
+    result = run_benchmark("lion_gap", tmp_path, timeout=170)
+    record = load(tmp_path, "lion_gap_variants")
+    runs = {r["variant"]: r for r in record["runs"]}
+    assert set(runs) == set(lion_gap.SMOKE_VARIANTS)
+    for run in runs.values():
+        assert [step for step, _ in run["val_loss_curve"]] == [2, 4]
+        assert 0 < run["final_val_loss"] < 6  # ln(256) = 5.55 at the start; finite
+    assert runs["lion_untied_emb30_head3"]["num_parameters"] == runs["adamw"]["num_parameters"] + 256 * 32
+    assert "lion_emb10_adamw_proj_fc_out" in result.stdout and "vs adamw" in result.stdout
+
+
+def test_lion_gap_hybrid_splits_the_parameters_by_kind():
+    from distlion import DistLion
+    from launch.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(2, 2, 32, 16, tied_output=False))
+    lion, adamw = lion_gap.build_optimizers(model, {"lr_scale": {"emb": 10, "head": 3},
+                                                    "adamw_kinds": ["proj", "fc", "out"]})
+    assert isinstance(lion, DistLion) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    adamw_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert adamw_names == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.proj", "fc", "out")}
+    lion_groups = {tuple(sorted(names[id(p)] for p in g["params"])): g for g in lion.param_groups}
+    assert lion_groups[("pos.weight", "tok.weight")]["base_lr"] == pytest.approx(1e-2)
+    assert lion_groups[("head.weight",)]["base_lr"] == pytest.approx(3e-3)
+    vec = next(g for key, g in lion_groups.items() if "ln_f.weight" in key)
+    assert vec["weight_decay"] == 0.0 and vec["base_lr"] == pytest.approx(1e-3)
+    assert len(vec["params"]) == sum(p.dim() == 1 for p in model.parameters())
+    assert {len(g["params"]) for g in adamw.param_groups} == {2} and all(
+        g["weight_decay"] == 0.1 and g["base_lr"] == pytest.approx(3e-3) for g in adamw.param_groups)

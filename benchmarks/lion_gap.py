@@ -1,0 +1,175 @@
+"""Where Lion's gap to AdamW on the demo task comes from: one process, one change per run.
+
+Each variant trains the demo's byte-level GPT in one process (global batch 32 sequences,
+the demo's 4 workers x 8, so no vote is involved: DistLion with one rank is plain Lion)
+with ``launch/train.py``'s schedule, hyper-parameters and validation windows, and changes
+one thing: the lr multiple of one kind of parameter, a separate output layer instead of
+the one tied to the token embedding, AdamW instead of Lion for one kind of parameter
+(a hybrid: which parameters Lion handles worse), or the model's width. Parameter kinds:
+``emb`` (token and position embeddings; the token one is also the output layer when
+tied), ``head`` (the untied output layer), ``qkv``, ``proj`` (attention), ``fc``, ``out``
+(MLP), ``vec`` (biases and LayerNorm gains, no weight decay).
+Prints the final validation loss of every variant and its gap to AdamW of the same
+model; writes JSON with every curve::
+
+    python benchmarks/lion_gap.py                         # every variant, seed 0, 2 at a time
+    python benchmarks/lion_gap.py --variants adamw lion_emb10 --seeds 0 1 2
+    python benchmarks/lion_gap.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+import torch  # noqa: E402
+
+from distlion import DistLion  # noqa: E402
+from launch.data import load_corpus, train_batch  # noqa: E402
+from launch.model import GPT, GPTConfig  # noqa: E402
+from launch.train import DEFAULT_HYPERPARAMETERS, Session, evaluate, lr_at  # noqa: E402
+
+KINDS = ("emb", "head", "qkv", "proj", "fc", "out", "vec")
+DEMO_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128}
+# name -> what differs from Lion with one lr for every parameter (or from AdamW)
+VARIANTS = {
+    "adamw": {"optimizer": "adamw"},
+    "lion": {},
+    "lion_emb10": {"lr_scale": {"emb": 10}},
+    "adamw_untied": {"optimizer": "adamw", "tied_output": False},
+    "lion_untied_emb10": {"tied_output": False, "lr_scale": {"emb": 10}},
+    "lion_untied_emb30": {"tied_output": False, "lr_scale": {"emb": 30}},
+    "lion_untied_emb30_head3": {"tied_output": False, "lr_scale": {"emb": 30, "head": 3}},
+    "lion_emb10_adamw_emb": {"lr_scale": {"emb": 10}, "adamw_kinds": ["emb"]},
+    "lion_emb10_adamw_qkv": {"lr_scale": {"emb": 10}, "adamw_kinds": ["qkv"]},
+    "lion_emb10_adamw_vec": {"lr_scale": {"emb": 10}, "adamw_kinds": ["vec"]},
+    "lion_emb10_adamw_proj_fc_out": {"lr_scale": {"emb": 10}, "adamw_kinds": ["proj", "fc", "out"]},
+    "adamw_width256": {"optimizer": "adamw", "n_embd": 256, "n_head": 8},
+    "lion_emb10_width256": {"lr_scale": {"emb": 10}, "n_embd": 256, "n_head": 8},
+}
+SMOKE_VARIANTS = ["adamw", "lion_untied_emb30_head3", "lion_emb10_adamw_proj_fc_out"]
+
+
+def parameter_kind(name: str, param: torch.Tensor) -> str:
+    """The kind (see KINDS) of the GPT parameter called ``name``."""
+    if name.startswith(("tok.", "pos.")):
+        return "emb"
+    if param.dim() < 2:
+        return "vec"
+    kind = name.split(".")[-2]  # blocks.0.attn.qkv.weight -> qkv; head.weight -> head
+    if kind not in KINDS:
+        raise ValueError(f"parameter {name!r} has no kind among {KINDS}")
+    return kind
+
+
+def build_optimizers(model: GPT, spec: dict) -> list[torch.optim.Optimizer]:
+    """Lion (DistLion on one rank) and/or AdamW over the model's kinds, each group with its ``base_lr``."""
+    main = spec.get("optimizer", "lion")
+    scales = spec.get("lr_scale", {})
+    by_kind: dict[str, list] = {}
+    for name, param in model.named_parameters():
+        by_kind.setdefault(parameter_kind(name, param), []).append(param)
+    groups = {"lion": [], "adamw": []}
+    for kind, params in by_kind.items():
+        optimizer = "adamw" if kind in spec.get("adamw_kinds", ()) else main
+        settings = DEFAULT_HYPERPARAMETERS[optimizer]
+        groups[optimizer].append({"params": params, "weight_decay": 0.0 if kind == "vec" else settings["weight_decay"],
+                                  "base_lr": settings["lr"] * scales.get(kind, 1.0)})
+    optimizers = []
+    if groups["lion"]:
+        lion = DEFAULT_HYPERPARAMETERS["lion"]
+        optimizers.append(DistLion(groups["lion"], lr=lion["lr"], betas=lion["betas"]))
+    if groups["adamw"]:
+        adamw = DEFAULT_HYPERPARAMETERS["adamw"]
+        optimizers.append(torch.optim.AdamW(groups["adamw"], lr=adamw["lr"], betas=adamw["betas"]))
+    return optimizers
+
+
+def train_variant(name: str, spec: dict, seed: int, steps: int, batch_size: int, eval_interval: int,
+                  shape: dict, eval_sequences: int, threads: int) -> dict:
+    """Train one variant in this process; return its settings, curve and final validation loss."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    config = GPTConfig(**{**shape, **{k: spec[k] for k in ("n_embd", "n_head", "tied_output") if k in spec}})
+    model = GPT(config)
+    optimizers = build_optimizers(model, spec)
+    corpus = load_corpus(None)
+    # train.py's schedule (warm-up 10% of the steps, cosine to 10%) as a factor of each group's base lr
+    schedule = SimpleNamespace(lr=1.0, steps=steps, warmup_steps=max(1, steps // 10), min_lr_ratio=0.1)
+    scoring = SimpleNamespace(eval_sequences=eval_sequences, batch_size=batch_size, block_size=config.block_size)
+    curve, start = [], time.perf_counter()
+    for step in range(steps):
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_at(step, schedule)
+        x, y = train_batch(corpus, step=step, rank=0, world_size=1, batch_size=batch_size,
+                           block_size=config.block_size, seed=seed)
+        _, loss = model(x, y)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % eval_interval == 0 or step + 1 == steps:
+            curve.append((step + 1, round(evaluate(model, corpus, scoring, Session()), 4)))
+    return {"variant": name, "seed": seed, "spec": spec, "num_parameters": config.num_parameters,
+            "n_embd": config.n_embd, "steps": steps, "batch_size": batch_size, "final_val_loss": curve[-1][1],
+            "val_loss_curve": curve, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def baseline_of(name: str) -> str:
+    """AdamW on the same model: the width and the output layer decide which."""
+    spec = VARIANTS[name]
+    if spec.get("n_embd"):
+        return "adamw_width256"
+    return "adamw_untied" if spec.get("tied_output") is False else "adamw"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", choices=list(VARIANTS), nargs="+", default=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=harness.positive_int, default=300)
+    parser.add_argument("--batch_size", type=harness.positive_int, default=32, help="sequences per step")
+    parser.add_argument("--jobs", type=harness.positive_int, default=2, help="runs at a time, one process each")
+    harness.add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    shape, eval_sequences, eval_interval = DEMO_SHAPE, 256, 50
+    if args.smoke:
+        args.variants, args.seeds, args.steps, args.batch_size, args.jobs = SMOKE_VARIANTS, [0], 4, 4, 1
+        shape, eval_sequences, eval_interval = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}, 8, 2
+    runs = [(name, seed) for seed in args.seeds for name in args.variants]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    results, start = [], time.perf_counter()
+    print(f"{len(runs)} runs, {args.jobs} at a time, {args.steps} steps of {args.batch_size} sequences each")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train_variant, name, VARIANTS[name], seed, args.steps, args.batch_size, eval_interval,
+                               shape, eval_sequences, threads): (name, seed) for name, seed in runs}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            result = future.result()
+            results.append(result)
+            print(f"[{done}/{len(runs)}] {result['variant']} seed {result['seed']}: final val loss "
+                  f"{result['final_val_loss']:.4f} ({result['seconds']:.0f} s)", flush=True)
+    finals = {(r["variant"], r["seed"]): r["final_val_loss"] for r in results}
+    print(f"\nFinal validation loss (nats/byte), one process, {args.steps} steps, batch {args.batch_size}")
+    for name, seed in runs:
+        base = finals.get((baseline_of(name), seed))
+        gap = f"{100 * (finals[name, seed] / base - 1):+6.1f}% vs {baseline_of(name)}" if base else ""
+        print(f"  {name:30s} seed {seed}  {finals[name, seed]:.4f}  {gap}")
+    payload = {"steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds, "shape": shape,
+               "hyperparameters": {k: DEFAULT_HYPERPARAMETERS[k] for k in ("adamw", "lion")},
+               "wall_seconds": round(time.perf_counter() - start, 1),
+               "runs": sorted(results, key=lambda r: (r["seed"], runs.index((r["variant"], r["seed"]))))}
+    harness.write_results("lion_gap_variants", payload, args.out, args.smoke)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
