@@ -8,7 +8,9 @@ the one tied to the token embedding, AdamW instead of Lion for one kind of param
 (a hybrid: which parameters Lion handles worse), or the model's width. Parameter kinds:
 ``emb`` (token and position embeddings; the token one is also the output layer when
 tied), ``head`` (the untied output layer), ``qkv``, ``proj`` (attention), ``fc``, ``out``
-(MLP), ``vec`` (biases and LayerNorm gains, no weight decay).
+(MLP), ``vec`` (biases and LayerNorm gains, no weight decay). A kind's lr multiple
+applies to whichever optimizer takes it: in ``lion_emb10_adamw_emb`` AdamW moves the
+embeddings at 10x its own lr.
 Prints the final validation loss of every variant and its gap to AdamW of the same
 model; writes JSON with every curve::
 
@@ -48,12 +50,19 @@ VARIANTS = {
     "lion_untied_emb10": {"tied_output": False, "lr_scale": {"emb": 10}},
     "lion_untied_emb30": {"tied_output": False, "lr_scale": {"emb": 30}},
     "lion_untied_emb30_head3": {"tied_output": False, "lr_scale": {"emb": 30, "head": 3}},
+    "lion_emb10_proj_fc_out0.3": {"lr_scale": {"emb": 10, "proj": 0.3, "fc": 0.3, "out": 0.3}},
+    "lion_emb10_proj_fc_out3": {"lr_scale": {"emb": 10, "proj": 3, "fc": 3, "out": 3}},
+    "adamw_emb10": {"optimizer": "adamw", "lr_scale": {"emb": 10}},
+    "lion_adamw_emb": {"adamw_kinds": ["emb"]},
     "lion_emb10_adamw_emb": {"lr_scale": {"emb": 10}, "adamw_kinds": ["emb"]},
     "lion_emb10_adamw_qkv": {"lr_scale": {"emb": 10}, "adamw_kinds": ["qkv"]},
     "lion_emb10_adamw_vec": {"lr_scale": {"emb": 10}, "adamw_kinds": ["vec"]},
     "lion_emb10_adamw_proj_fc_out": {"lr_scale": {"emb": 10}, "adamw_kinds": ["proj", "fc", "out"]},
     "adamw_width256": {"optimizer": "adamw", "n_embd": 256, "n_head": 8},
     "lion_emb10_width256": {"lr_scale": {"emb": 10}, "n_embd": 256, "n_head": 8},
+    # the sign step's size does not shrink with width as AdamW's does: half the lr, the embeddings' kept
+    "lion_lr0.5x_emb20_width256": {"lr_scale": {"emb": 20, "qkv": 0.5, "proj": 0.5, "fc": 0.5, "out": 0.5,
+                                                "vec": 0.5}, "n_embd": 256, "n_head": 8},
 }
 SMOKE_VARIANTS = ["adamw", "lion_untied_emb30_head3", "lion_emb10_adamw_proj_fc_out"]
 
@@ -127,7 +136,7 @@ def train_variant(name: str, spec: dict, seed: int, steps: int, batch_size: int,
 def baseline_of(name: str) -> str:
     """AdamW on the same model: the width and the output layer decide which."""
     spec = VARIANTS[name]
-    if spec.get("n_embd"):
+    if spec.get("n_embd"):  # the one other width
         return "adamw_width256"
     return "adamw_untied" if spec.get("tied_output") is False else "adamw"
 

@@ -13,7 +13,7 @@ Each rank writes ``<out>/<phase>_rank<r>.pt``. Phases:
 Run by hand, e.g.::
 
     ACCELERATE_USE_CPU=true accelerate launch --config_file launch/accelerate/cpu_2proc.yaml \
-        tests/accelerate_job.py --phase train --out /tmp/job
+        tests/accelerate_job.py --phase train --out runs/accelerate_job
 """
 
 from __future__ import annotations
