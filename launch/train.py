@@ -72,6 +72,7 @@ OPTIMIZERS = ("distlion", "adamw", "lion")
 # (the token one is also the output layer) take 10x the lr: of the changes tried on one
 # process (benchmarks/results/lion_gap-*.json: embedding lr 0.1x-30x, 10x lr for norms and
 # biases, beta2 0.99, a 4x batch), it narrowed the gap to AdamW most, with 10x the best scale.
+# benchmarks/lion_gap.py splits what remains by kind of parameter (README, Convergence).
 DEFAULT_HYPERPARAMETERS = {
     "adamw": {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "embedding_lr_scale": 1.0},
     "distlion": {"lr": 1e-3, "weight_decay": 0.3, "betas": (0.9, 0.999), "embedding_lr_scale": 10.0},
