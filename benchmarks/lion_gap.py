@@ -26,6 +26,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -133,6 +134,15 @@ def train_variant(name: str, spec: dict, seed: int, steps: int, batch_size: int,
             "val_loss_curve": curve, "seconds": round(time.perf_counter() - start, 1)}
 
 
+def exit_with_parent(parent_pid: int) -> None:
+    """Run in each worker: end it when the parent dies (a SIGTERM to the parent would orphan it)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def baseline_of(name: str) -> str:
     """AdamW on the same model: the width and the output layer decide which."""
     spec = VARIANTS[name]
@@ -158,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     results, start = [], time.perf_counter()
     print(f"{len(runs)} runs, {args.jobs} at a time, {args.steps} steps of {args.batch_size} sequences each")
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(train_variant, name, VARIANTS[name], seed, args.steps, args.batch_size, eval_interval,
                                shape, eval_sequences, threads): (name, seed) for name, seed in runs}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -155,3 +156,40 @@ def test_lion_gap_hybrid_splits_the_parameters_by_kind():
     assert len(vec["params"]) == sum(p.dim() == 1 for p in model.parameters())
     assert {len(g["params"]) for g in adamw.param_groups} == {2} and all(
         g["weight_decay"] == 0.1 and g["base_lr"] == pytest.approx(3e-3) for g in adamw.param_groups)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.add(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads parent ids from /proc")
+@pytest.mark.timeout(120)
+def test_lion_gap_workers_end_with_their_parent(tmp_path):
+    parent = subprocess.Popen([sys.executable, os.path.join(REPO, "benchmarks", "lion_gap.py"), "--variants", "adamw",
+                               "--steps", "100000", "--jobs", "1", "--out", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(parent.pid)) < 2 and time.monotonic() < deadline:  # the worker and spawn's tracker
+            time.sleep(0.2)
+        workers = _children(parent.pid)
+        assert workers, "lion_gap.py started no worker process"
+        parent.terminate()  # SIGTERM to the parent alone, as a scheduler would send it
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+                 and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert not alive, f"worker processes {alive} outlived their parent"
+    finally:
+        parent.kill()
