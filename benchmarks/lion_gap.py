@@ -144,11 +144,11 @@ def exit_with_parent(parent_pid: int) -> None:
 
 
 def baseline_of(name: str) -> str:
-    """AdamW on the same model: the width and the output layer decide which."""
-    spec = VARIANTS[name]
-    if spec.get("n_embd"):  # the one other width
-        return "adamw_width256"
-    return "adamw_untied" if spec.get("tied_output") is False else "adamw"
+    """The plain AdamW variant of the same model (width and output layer)."""
+    def model_of(spec: dict) -> tuple:
+        return spec.get("n_embd"), spec.get("tied_output", True)
+    return next(other for other, spec in VARIANTS.items() if spec.get("optimizer") == "adamw"
+                and not spec.get("lr_scale") and model_of(spec) == model_of(VARIANTS[name]))
 
 
 def main(argv: list[str] | None = None) -> dict:

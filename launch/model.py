@@ -2,7 +2,8 @@
 
 Pre-LayerNorm transformer blocks, causal self-attention through
 ``scaled_dot_product_attention``, a GELU MLP, and an output layer tied to the token
-embedding (or a separate one, ``tied_output=False``). Bytes are the tokens, so the vocabulary is 256 and no tokenizer is needed.
+embedding (or a separate one, ``tied_output=False``). Bytes are the tokens, so the
+vocabulary is 256 and no tokenizer is needed.
 The model holds no buffers: DDP then has nothing to broadcast on each forward, so the
 bytes it sends are the gradient all-reduce alone.
 """

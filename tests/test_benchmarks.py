@@ -158,14 +158,19 @@ def test_lion_gap_hybrid_splits_the_parameters_by_kind():
         g["weight_decay"] == 0.1 and g["base_lr"] == pytest.approx(3e-3) for g in adamw.param_groups)
 
 
+def _stat(pid: int | str) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: [state, parent id, ...]."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.add(int(entry))
+                if int(_stat(entry)[1]) == pid:
+                    found.add(int(entry))
             except (OSError, IndexError, ValueError):
                 pass
     return found
@@ -188,8 +193,7 @@ def test_lion_gap_workers_end_with_their_parent(tmp_path):
         deadline = time.monotonic() + 30
         while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
-        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
-                 and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and _stat(pid)[0] != "Z"]
         assert not alive, f"worker processes {alive} outlived their parent"
     finally:
         parent.kill()
