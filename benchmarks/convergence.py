@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
                                        args.workers, os.path.join(tmp, f"{variant}-{seed}"))
                 finals[variant][seed] = metrics["final_val_loss"]
                 curves[variant][seed] = [(h["step"], h["val_loss"]) for h in metrics["history"]]
-                settings[variant] = {k: metrics["config"][k] for k in ("lr", "weight_decay", "betas", "steps",
-                                                                        "batch_size", "block_size", "n_layer",
-                                                                        "n_embd")}
+                settings[variant] = {k: metrics["config"].get(k) for k in (
+                    "lr", "weight_decay", "betas", "embedding_lr_scale", "vote_ema_beta", "steps", "batch_size",
+                    "block_size", "n_layer", "n_embd")}
                 settings[variant]["bytes_sent_per_step"] = metrics["bytes_sent_per_step"]
     elapsed = time.perf_counter() - start
 

@@ -154,9 +154,10 @@ def _model(config: GPTConfig) -> GPT:
 
 
 def distlion_trainer(config: GPTConfig, *, vote: str = "majority", exchange: str = "auto",
-                     name: str = "distlion") -> Trainer:
+                     vote_ema_beta: float | None = None, name: str = "distlion") -> Trainer:
     model = _model(config)
-    optimizer = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1, vote=vote, exchange=exchange)
+    optimizer = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1, vote=vote, exchange=exchange,
+                         vote_ema_beta=vote_ema_beta)
 
     def forward_backward(x, y):
         model(x, y)[1].backward()

@@ -107,6 +107,7 @@ def kernel_cases(kernels, numel: int, world_size: int, device: str) -> dict[str,
     momentum = torch.randn(numel, device=device, generator=gen)
     param = torch.randn(numel, device=device, generator=gen)
     master = param.clone()
+    vote_ema = torch.zeros_like(param)
     scratch = torch.empty_like(momentum)  # where the new momentum goes (the optimizer's gradient buffer)
     param_bf16 = param.to(torch.bfloat16)
     n_bytes = numel // 8
@@ -131,6 +132,10 @@ def kernel_cases(kernels, numel: int, world_size: int, device: str) -> dict[str,
             param_bf16, vote, lr=LR, weight_decay=WEIGHT_DECAY, master=master), 10 + bit),
         f"apply_average fp32 (N={world_size})": (lambda: kernels.apply_average(
             param, counts, world_size=world_size, lr=LR, weight_decay=WEIGHT_DECAY), 8 + planes * bit),
+        # the scaled step (vote_ema_beta) also reads and writes its fp32 EMA
+        "apply_scaled fp32 (majority)": (lambda: kernels.apply_scaled(
+            param, vote.view(1, -1), vote_ema, voters=1, beta=0.9, step=10, lr=LR, weight_decay=WEIGHT_DECAY),
+            16 + bit),
     }
 
 

@@ -10,7 +10,9 @@ the one tied to the token embedding, AdamW instead of Lion for one kind of param
 tied), ``head`` (the untied output layer), ``qkv``, ``proj`` (attention), ``fc``, ``out``
 (MLP), ``vec`` (biases and LayerNorm gains, no weight decay). A kind's lr multiple
 applies to whichever optimizer takes it: in ``lion_emb10_adamw_emb`` AdamW moves the
-embeddings at 10x its own lr.
+embeddings at 10x its own lr. ``lr`` multiplies Lion's lr for every kind, ``weight_decay``
+replaces Lion's, and ``vote_ema_beta`` turns on DistLion's scaled step (with one rank the
+vote is the local sign).
 Prints the final validation loss of every variant and its gap to AdamW of the same
 model; writes JSON with every curve::
 
@@ -41,6 +43,10 @@ from launch.model import GPT, GPTConfig  # noqa: E402
 from launch.train import DEFAULT_HYPERPARAMETERS, Session, evaluate, lr_at  # noqa: E402
 
 KINDS = ("emb", "head", "qkv", "proj", "fc", "out", "vec")
+# What every variant starts from: train.py's AdamW, and Lion as the study began (one lr, unscaled steps),
+# so that a change of train.py's DistLion defaults leaves the variants' meaning as it is.
+SETTINGS = {"adamw": {k: DEFAULT_HYPERPARAMETERS["adamw"][k] for k in ("lr", "weight_decay", "betas")},
+            "lion": {"lr": 1e-3, "weight_decay": 0.3, "betas": (0.9, 0.999)}}
 DEMO_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128}
 # name -> what differs from Lion with one lr for every parameter (or from AdamW)
 VARIANTS = {
@@ -64,8 +70,14 @@ VARIANTS = {
     # the sign step's size does not shrink with width as AdamW's does: half the lr, the embeddings' kept
     "lion_lr0.5x_emb20_width256": {"lr_scale": {"emb": 20, "qkv": 0.5, "proj": 0.5, "fc": 0.5, "out": 0.5,
                                                 "vec": 0.5}, "n_embd": 256, "n_head": 8},
+    # the scaled step (DistLion's vote_ema_beta): smaller steps where the sign keeps flipping, so a larger lr
+    "lion_emb10_vote_ema": {"lr_scale": {"emb": 10}, "vote_ema_beta": 0.9},
+    "lion_lr4x_emb10_vote_ema": {"lr": 4, "lr_scale": {"emb": 10}, "vote_ema_beta": 0.9},
+    "lion_lr6x_emb10_vote_ema": {"lr": 6, "lr_scale": {"emb": 10}, "vote_ema_beta": 0.9},
+    "lion_lr10x_emb10_vote_ema": {"lr": 10, "lr_scale": {"emb": 10}, "vote_ema_beta": 0.9},
+    "lion_lr6x_emb10_vote_ema_wd0.1": {"lr": 6, "lr_scale": {"emb": 10}, "vote_ema_beta": 0.9, "weight_decay": 0.1},
 }
-SMOKE_VARIANTS = ["adamw", "lion_untied_emb30_head3", "lion_emb10_adamw_proj_fc_out"]
+SMOKE_VARIANTS = ["adamw", "lion_untied_emb30_head3", "lion_emb10_adamw_proj_fc_out", "lion_lr6x_emb10_vote_ema"]
 
 
 def parameter_kind(name: str, param: torch.Tensor) -> str:
@@ -90,15 +102,19 @@ def build_optimizers(model: GPT, spec: dict) -> list[torch.optim.Optimizer]:
     groups = {"lion": [], "adamw": []}
     for kind, params in by_kind.items():
         optimizer = "adamw" if kind in spec.get("adamw_kinds", ()) else main
-        settings = DEFAULT_HYPERPARAMETERS[optimizer]
-        groups[optimizer].append({"params": params, "weight_decay": 0.0 if kind == "vec" else settings["weight_decay"],
-                                  "base_lr": settings["lr"] * scales.get(kind, 1.0)})
+        settings = SETTINGS[optimizer]
+        lion_group = optimizer == "lion"
+        base_lr = settings["lr"] * (spec.get("lr", 1.0) if lion_group else 1.0)
+        decay = spec.get("weight_decay", settings["weight_decay"]) if lion_group else settings["weight_decay"]
+        groups[optimizer].append({"params": params, "weight_decay": 0.0 if kind == "vec" else decay,
+                                  "base_lr": base_lr * scales.get(kind, 1.0)})
     optimizers = []
     if groups["lion"]:
-        lion = DEFAULT_HYPERPARAMETERS["lion"]
-        optimizers.append(DistLion(groups["lion"], lr=lion["lr"], betas=lion["betas"]))
+        lion = SETTINGS["lion"]
+        optimizers.append(DistLion(groups["lion"], lr=lion["lr"], betas=lion["betas"],
+                                   vote_ema_beta=spec.get("vote_ema_beta")))
     if groups["adamw"]:
-        adamw = DEFAULT_HYPERPARAMETERS["adamw"]
+        adamw = SETTINGS["adamw"]
         optimizers.append(torch.optim.AdamW(groups["adamw"], lr=adamw["lr"], betas=adamw["betas"]))
     return optimizers
 
@@ -131,7 +147,20 @@ def train_variant(name: str, spec: dict, seed: int, steps: int, batch_size: int,
             curve.append((step + 1, round(evaluate(model, corpus, scoring, Session()), 4)))
     return {"variant": name, "seed": seed, "spec": spec, "num_parameters": config.num_parameters,
             "n_embd": config.n_embd, "steps": steps, "batch_size": batch_size, "final_val_loss": curve[-1][1],
-            "val_loss_curve": curve, "seconds": round(time.perf_counter() - start, 1)}
+            "val_loss_curve": curve, "mean_step_scale": mean_step_scale(optimizers, steps),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def mean_step_scale(optimizers: list[torch.optim.Optimizer], steps: int) -> float | None:
+    """The scaled step's mean size in units of lr after the last step: the mean of (bias-corrected EMA)^2."""
+    total, count = 0.0, 0
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            beta = group.get("vote_ema_beta")
+            for param in group["params"] if beta is not None else ():
+                unbiased = optimizer.state[param]["vote_ema"] / (1 - beta ** steps)
+                total, count = total + float((unbiased * unbiased).sum()), count + unbiased.numel()
+    return round(total / count, 4) if count else None
 
 
 def exit_with_parent(parent_pid: int) -> None:
@@ -184,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         gap = f"{100 * (finals[name, seed] / base - 1):+6.1f}% vs {baseline_of(name)}" if base else ""
         print(f"  {name:30s} seed {seed}  {finals[name, seed]:.4f}  {gap}")
     payload = {"steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds, "shape": shape,
-               "hyperparameters": {k: DEFAULT_HYPERPARAMETERS[k] for k in ("adamw", "lion")},
+               "hyperparameters": SETTINGS,
                "wall_seconds": round(time.perf_counter() - start, 1),
                "runs": sorted(results, key=lambda r: (r["seed"], runs.index((r["variant"], r["seed"]))))}
     harness.write_results("lion_gap_variants", payload, args.out, args.smoke)

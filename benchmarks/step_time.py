@@ -5,7 +5,8 @@ the cost of DistLion's packing, voting and applying against AdamW's all-reduce a
 update). A GPT of 3.89M parameters by default (``--size medium``: 24.2M). Per step:
 
 - phase: the optimizer-plus-communication phase. DistLion: ``optimizer.step()``
-  (pack, exchange, vote, apply). AdamW: DDP's bucket all-reduces run after backward,
+  (pack, exchange, vote, apply), with Lion's step and with the scaled step
+  (``vote_ema_beta=0.9``, ``distlion_scaled``: the apply also updates an fp32 EMA). AdamW: DDP's bucket all-reduces run after backward,
   then ``AdamW.step()`` (see ``harness.py``).
 - step: the whole step, forward + backward + phase; AdamW's is DDP as users run it,
   all-reduce overlapped with backward.
@@ -28,12 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-TRAINERS = ("distlion", "adamw_ddp", "adamw_ddp_phase")
+TRAINERS = ("distlion", "distlion_scaled", "adamw_ddp", "adamw_ddp_phase")
 
 
 def build_trainers(config, exchange: str = "auto") -> list[harness.Trainer]:
-    """DistLion, DDP + AdamW as users run it, and the same with its all-reduce in the phase."""
+    """DistLion (Lion's step and the scaled step), DDP + AdamW as users run it, and the same with its
+    all-reduce in the phase."""
     return [harness.distlion_trainer(config, exchange=exchange),
+            harness.distlion_trainer(config, exchange=exchange, vote_ema_beta=0.9, name="distlion_scaled"),
             harness.adamw_ddp_trainer(config),
             harness.adamw_ddp_trainer(config, deferred=True, name="adamw_ddp_phase")]
 
@@ -42,6 +45,8 @@ def ratios(timings: dict) -> dict:
     """AdamW / DistLion for the phase and the whole step (above 1: DistLion is faster)."""
     lion = timings["distlion"]
     return {"phase_adamw_over_distlion": timings["adamw_ddp_phase"]["phase_s"] / lion["phase_s"],
+            "phase_adamw_over_distlion_scaled": timings["adamw_ddp_phase"]["phase_s"]
+            / timings["distlion_scaled"]["phase_s"],
             "step_adamw_over_distlion": timings["adamw_ddp"]["step_s"] / lion["step_s"],
             "bytes_adamw_over_distlion": timings["adamw_ddp"]["bytes_sent_per_step"] / lion["bytes_sent_per_step"]}
 
@@ -54,7 +59,8 @@ def print_timings(timings: dict, title: str) -> None:
               f"{t['bytes_sent_per_step']:16,.0f}")
     r = ratios(timings)
     print(f"AdamW + DDP / DistLion: phase {r['phase_adamw_over_distlion']:.2f}x, "
-          f"whole step {r['step_adamw_over_distlion']:.2f}x, bytes {r['bytes_adamw_over_distlion']:.1f}x")
+          f"whole step {r['step_adamw_over_distlion']:.2f}x, bytes {r['bytes_adamw_over_distlion']:.1f}x; "
+          f"phase with the scaled step (vote_ema_beta 0.9) {r['phase_adamw_over_distlion_scaled']:.2f}x")
 
 
 def worker(args: argparse.Namespace) -> None:

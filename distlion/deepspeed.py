@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 OPTIMIZER_TYPE = "DistLion"
 # What a "DistLion" entry's params may set: DistLion's keyword arguments that JSON can hold.
 CONFIG_PARAMS = ("lr", "betas", "weight_decay", "vote", "exchange", "bucket_cap_mb", "master_weights",
-                 "momentum_dtype")
+                 "momentum_dtype", "vote_ema_beta")
 STATE_FILE = "distlion_rank{rank}_of_{world_size}.pt"
 _STATE_FILE_PATTERN = re.compile(r"distlion_rank(\d+)_of_(\d+)\.pt$")
 

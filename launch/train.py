@@ -63,20 +63,20 @@ from launch.worker_exit import exit_worker  # noqa: E402
 
 OPTIMIZERS = ("distlion", "adamw", "lion")
 # Lion guidance (Chen et al. 2023): lr 3-10x smaller than AdamW's and weight decay 3-10x
-# larger (every coordinate of a sign update moves by the full lr). Here lr 3x smaller and
-# weight decay 3x larger, so lr * weight_decay equals AdamW's. beta2 = 0.999 instead of
-# Lion's usual 0.99: over a few hundred steps the zero-initialised momentum then stays
-# small and the sign follows the fresh gradient more. Chosen by a sweep on the demo task
-# (4 workers, 300 steps, seed 0; benchmarks/results/lion_sweep-*.json): with beta2 = 0.99
-# the best lr (3e-4) ended 7% above AdamW and larger lrs stalled near 2.88. The embeddings
-# (the token one is also the output layer) take 10x the lr: of the changes tried on one
-# process (benchmarks/results/lion_gap-*.json: embedding lr 0.1x-30x, 10x lr for norms and
-# biases, beta2 0.99, a 4x batch), it narrowed the gap to AdamW most, with 10x the best scale.
-# benchmarks/lion_gap.py splits what remains by kind of parameter (README, Convergence).
+# larger, because every coordinate of a sign update moves by the full lr. DistLion and
+# global Lion here take the scaled step (vote_ema_beta 0.9, README "The scaled step"):
+# coordinates whose sign keeps flipping move by ~5% of the lr, so the lr is 2x AdamW's
+# (6e-3) with weight decay 0.3 (3x). beta2 = 0.999 instead of Lion's usual 0.99 (a sweep
+# of the unscaled step, benchmarks/results/lion_sweep-*.json: with 0.99 the best lr ended
+# 7% above AdamW). The embeddings (the token one is also the output layer) take 10x the
+# lr (benchmarks/results/lion_gap-*.json). lr 6e-3 beat 4e-3 and 1e-2, and weight decay
+# 0.3 beat 0.1, on one process (benchmarks/lion_gap.py, README Convergence).
 DEFAULT_HYPERPARAMETERS = {
     "adamw": {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "embedding_lr_scale": 1.0},
-    "distlion": {"lr": 1e-3, "weight_decay": 0.3, "betas": (0.9, 0.999), "embedding_lr_scale": 10.0},
-    "lion": {"lr": 1e-3, "weight_decay": 0.3, "betas": (0.9, 0.999), "embedding_lr_scale": 10.0},
+    "distlion": {"lr": 6e-3, "weight_decay": 0.3, "betas": (0.9, 0.999), "embedding_lr_scale": 10.0,
+                 "vote_ema_beta": 0.9},
+    "lion": {"lr": 6e-3, "weight_decay": 0.3, "betas": (0.9, 0.999), "embedding_lr_scale": 10.0,
+             "vote_ema_beta": 0.9},
 }
 
 
@@ -96,6 +96,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _beta_or_off(text: str) -> float | str:
+    if text == "off":
+        return text
+    value = float(text)
+    if not 0.0 <= value < 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1) (or 'off')")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0.0:  # also rejects nan
@@ -112,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--exchange", choices=("auto", "two_phase", "all_gather"), default="auto",
                      help="DistLion's sign exchange")
     opt.add_argument("--lr", type=_non_negative_float, default=None,
-                     help="peak learning rate (default: 3e-3 for adamw, 1e-3 for distlion and lion)")
+                     help="peak learning rate (default: 3e-3 for adamw, 6e-3 for distlion and lion)")
     opt.add_argument("--weight_decay", type=_non_negative_float, default=None,
                      help="decoupled weight decay of matrices and embeddings (default: 0.1 for adamw, 0.3 for "
                           "distlion and lion)")
@@ -121,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "multiple of the lr (default: 1 for adamw, 10 for distlion and lion)")
     opt.add_argument("--betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
                      help="default: 0.9 0.95 for adamw, 0.9 0.999 for distlion and lion")
+    opt.add_argument("--vote_ema_beta", type=_beta_or_off, default=None, metavar="BETA",
+                     help="distlion and lion: scale each coordinate's step by the squared EMA of its votes with "
+                          "this beta ('off': Lion's unscaled step, whose lr should be 3-10x smaller; default 0.9)")
     opt.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up (default: 10%% of --steps)")
     opt.add_argument("--min_lr_ratio", type=_non_negative_float, default=0.1,
                      help="cosine decay ends at this fraction of the peak lr")
@@ -156,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and complete the arguments; errors name the bad value (argparse exits with status 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.optimizer == "adamw" and args.vote_ema_beta is not None:
+        parser.error(f"--vote_ema_beta {args.vote_ema_beta}: only distlion and lion take it")
     defaults = DEFAULT_HYPERPARAMETERS[args.optimizer]
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -265,7 +279,8 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], session: Sessi
         # Global Lion: DDP has averaged the gradients, so each rank takes the Lion step alone.
         process_group, _ = dist.new_subgroups(group_size=1)
     return DistLion(groups, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, vote=args.vote,
-                    exchange=args.exchange, process_group=process_group)
+                    exchange=args.exchange, process_group=process_group,
+                    vote_ema_beta=None if args.vote_ema_beta == "off" else args.vote_ema_beta)
 
 
 def _param_groups(model: GPT, args: argparse.Namespace) -> list[dict]:

@@ -52,11 +52,13 @@ def test_comm_volume_smoke(tmp_path):
 def test_step_time_smoke(tmp_path):
     result = run_benchmark("step_time", tmp_path, timeout=170)
     record = load(tmp_path, "step_time-tiny")
-    assert set(record["timings"]) == {"distlion", "adamw_ddp", "adamw_ddp_phase"}
+    assert set(record["timings"]) == {"distlion", "distlion_scaled", "adamw_ddp", "adamw_ddp_phase"}
     for timing in record["timings"].values():
         assert timing["step_s"] >= timing["phase_s"] > 0
     ratios = record["ratios"]
     assert ratios["bytes_adamw_over_distlion"] > 30 and ratios["phase_adamw_over_distlion"] > 0
+    assert record["timings"]["distlion_scaled"]["bytes_sent_per_step"] == record["timings"]["distlion"][
+        "bytes_sent_per_step"]  # the scaled step sends nothing more
     assert "AdamW + DDP / DistLion" in result.stdout
 
 
@@ -70,6 +72,19 @@ def test_step_breakdown_smoke(tmp_path):
             "rest", "total"} <= set(lion)
     assert {"all_reduce", "rest", "total"} == set(adamw)
     assert "distlion:" in result.stdout and "adamw_ddp_phase:" in result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_kernels_smoke(tmp_path):
+    out = tmp_path / "kernels.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernels.py"), "--smoke", "--json",
+                             str(out)], capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["kernels"]
+    timed = {(r["kernel"], r["impl"]) for r in rows}
+    for impl in ("cpu_native", "torch_fast", "reference"):
+        assert {("apply_majority fp32", impl), ("apply_scaled fp32 (majority)", impl)} <= timed
+    assert all(r["seconds"] > 0 for r in rows)
 
 
 @pytest.mark.timeout(60)
@@ -98,7 +113,10 @@ def test_convergence_smoke(tmp_path):
     assert set(record["summary"]) == {"distlion_average", "adamw"}
     for variant, summary in record["summary"].items():
         assert summary["n"] == 1 and summary["std"] == 0.0
-    assert record["settings"]["distlion_average"]["lr"] < record["settings"]["adamw"]["lr"]
+    # each optimizer ran with its own defaults: DistLion the scaled step, AdamW without it
+    distlion, adamw = record["settings"]["distlion_average"], record["settings"]["adamw"]
+    assert distlion["vote_ema_beta"] == 0.9 and adamw["vote_ema_beta"] is None
+    assert distlion["weight_decay"] > adamw["weight_decay"] and distlion["lr"] != adamw["lr"]
     assert "vs AdamW" in result.stdout
 
 
@@ -135,6 +153,18 @@ def test_lion_gap_smoke(tmp_path):
         assert 0 < run["final_val_loss"] < 6  # ln(256) = 5.55 at the start; finite
     assert runs["lion_untied_emb30_head3"]["num_parameters"] == runs["adamw"]["num_parameters"] + 256 * 32
     assert "lion_emb10_adamw_proj_fc_out" in result.stdout and "vs adamw" in result.stdout
+    # the scaled step's mean size, in units of lr, is a mean of squares of values in [-1, 1]
+    assert 0 < runs["lion_lr6x_emb10_vote_ema"]["mean_step_scale"] <= 1
+    assert runs["adamw"]["mean_step_scale"] is None
+
+
+def test_lion_gap_scaled_step_variant_builds_distlion_with_it():
+    from launch.model import GPT, GPTConfig
+
+    (lion,) = lion_gap.build_optimizers(GPT(GPTConfig(1, 2, 32, 16)), lion_gap.VARIANTS["lion_lr6x_emb10_vote_ema"])
+    assert {g["vote_ema_beta"] for g in lion.param_groups} == {0.9}
+    assert max(g["base_lr"] for g in lion.param_groups) == pytest.approx(6e-2)  # embeddings: 6x then 10x
+    assert {g["weight_decay"] for g in lion.param_groups} == {0.0, 0.3}
 
 
 def test_lion_gap_hybrid_splits_the_parameters_by_kind():

@@ -18,10 +18,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 STEPS = 6
 
 
-def _history(device: str, dtype: torch.dtype, vote: str = "majority", exchange: str = "auto", rank: int = 0):
+def _history(device: str, dtype: torch.dtype, vote: str = "majority", exchange: str = "auto", rank: int = 0,
+             vote_ema_beta: float | None = None):
     """Train the test_distributed parameters for STEPS steps on ``device``; return them per step, on CPU."""
     params = [torch.nn.Parameter(p.detach().to(device, dtype)) for p in _params()]
-    opt = DistLion(params, lr=LR, betas=BETAS, weight_decay=WD, vote=vote, exchange=exchange)
+    opt = DistLion(params, lr=LR, betas=BETAS, weight_decay=WD, vote=vote, exchange=exchange,
+                   vote_ema_beta=vote_ema_beta)
     history = []
     for step in range(1, STEPS + 1):
         for p, g in zip(params, _grads(rank, step, "ties" if step % 2 else "random")):
@@ -38,10 +40,12 @@ def _assert_bitwise(got, expected):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_step_equals_cpu_step_bitwise(dtype):
+@pytest.mark.parametrize("vote_ema_beta", [None, 0.9], ids=["lion_step", "scaled_step"])
+def test_cuda_step_equals_cpu_step_bitwise(dtype, vote_ema_beta):
     from distlion.kernels import kernels_for, triton_kernels
     assert kernels_for("cuda") is triton_kernels
-    _assert_bitwise(_history("cuda", dtype), _history("cpu", dtype))
+    _assert_bitwise(_history("cuda", dtype, vote_ema_beta=vote_ema_beta),
+                    _history("cpu", dtype, vote_ema_beta=vote_ema_beta))
 
 
 def _nccl_world_of_one(rank, world_size):

@@ -29,11 +29,17 @@ def _grads(rank: int, step: int, style: str) -> list[torch.Tensor]:
     return grads
 
 
-def simulate(world_size: int, steps: int, style: str, vote: str = "majority") -> list[list[torch.Tensor]]:
-    """Simulate N workers from DESIGN section 1, one list of parameters per step."""
+def simulate(world_size: int, steps: int, style: str, vote: str = "majority",
+             vote_ema_beta: float | None = None) -> list[list[torch.Tensor]]:
+    """Simulate N workers from DESIGN section 1, one list of parameters per step.
+
+    With ``vote_ema_beta`` the voted step is scaled by the squared, bias-corrected EMA of
+    the voted steps (DistLion's docstring).
+    """
     x = torch.cat([p.detach().reshape(-1) for p in _params()])
     d = x.numel()
     m = [torch.zeros(d) for _ in range(world_size)]
+    ema = torch.zeros(d)
     history = []
     for step in range(1, steps + 1):
         signs = []
@@ -48,14 +54,19 @@ def simulate(world_size: int, steps: int, style: str, vote: str = "majority") ->
             delta = torch.where(total == 0, signs[step % world_size], total.sign())
         else:
             delta = total / world_size
+        if vote_ema_beta is not None:
+            ema = (ema * vote_ema_beta).add(delta, alpha=1 - vote_ema_beta)
+            unbiased = ema * (1 / (1 - vote_ema_beta ** step))
+            delta = delta * unbiased * unbiased
         x = (x * (1 - LR * WD)).add(delta, alpha=-LR)
         history.append([t.view(shape).clone() for t, shape in zip(x.split([math.prod(s) for s in SHAPES]), SHAPES)])
     return history
 
 
-def _train(rank, world_size, steps, style, vote, exchange):
+def _train(rank, world_size, steps, style, vote, exchange, vote_ema_beta=None):
     params = _params()
-    opt = DistLion(params, lr=LR, betas=BETAS, weight_decay=WD, vote=vote, exchange=exchange)
+    opt = DistLion(params, lr=LR, betas=BETAS, weight_decay=WD, vote=vote, exchange=exchange,
+                   vote_ema_beta=vote_ema_beta)
     history = []
     for step in range(1, steps + 1):
         for p, g in zip(params, _grads(rank, step, style)):
@@ -66,7 +77,7 @@ def _train(rank, world_size, steps, style, vote, exchange):
 
 
 def _train_each(rank, world_size, steps, combos):
-    """Train once per (style, vote, exchange) in one launch: process start-up is the slow part."""
+    """Train once per (style, vote, exchange[, vote_ema_beta]) in one launch: process start-up is the slow part."""
     return {combo: _train(rank, world_size, steps, *combo) for combo in combos}
 
 
@@ -95,6 +106,20 @@ def test_average_vote_matches_simulation(world_size):
     for per_rank in run_ranks(_train_each, world_size, 5, combos):
         for combo in combos:
             _assert_equal_histories(per_rank[combo][0], expected)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_scaled_step_matches_simulation(world_size):
+    combos = [("ties", vote, exchange, 0.9) for vote in ("majority", "average")
+              for exchange in ("two_phase", "all_gather")] + [("random", "majority", "two_phase", 0.5)]
+    results = run_ranks(_train_each, world_size, 6, combos)
+    for style, vote, exchange, beta in combos:
+        expected = simulate(world_size, 6, style, vote=vote, vote_ema_beta=beta)
+        plain = simulate(world_size, 6, style, vote=vote)
+        assert not torch.equal(expected[-1][0], plain[-1][0])  # the scaling changed the steps
+        for per_rank in results:
+            _assert_equal_histories(per_rank[style, vote, exchange, beta][0], expected)
 
 
 def _expected_bytes_per_step(world_size, padded, exchange, planes):
@@ -181,7 +206,7 @@ def test_nonfinite_gradient_on_one_rank_makes_every_rank_skip(use_scaler):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def _save_resume(rank, world_size, k):
+def _save_resume(rank, world_size, k, vote_ema_beta=None):
     def run(params, opt, steps):
         for step in steps:
             for p, g in zip(params, _grads(rank, step, "random")):
@@ -189,7 +214,7 @@ def _save_resume(rank, world_size, k):
             opt.step()
 
     params = _params()
-    opt = DistLion(params, lr=LR, weight_decay=WD)
+    opt = DistLion(params, lr=LR, weight_decay=WD, vote_ema_beta=vote_ema_beta)
     run(params, opt, range(1, k + 1))
     buffer = io.BytesIO()
     torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
@@ -197,13 +222,22 @@ def _save_resume(rank, world_size, k):
 
     saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
     resumed = [torch.nn.Parameter(t) for t in saved["params"]]
-    opt2 = DistLion(resumed, lr=LR, weight_decay=WD)
+    opt2 = DistLion(resumed, lr=LR, weight_decay=WD, vote_ema_beta=vote_ema_beta)
     opt2.load_state_dict(saved["opt"])
     run(resumed, opt2, range(k + 1, 2 * k + 1))
-    momentum_equal = all(torch.equal(opt.state[a]["exp_avg"], opt2.state[b]["exp_avg"])
-                         for a, b in zip(params, resumed))
+    momentum_equal = all(torch.equal(opt.state[a][key], opt2.state[b][key])
+                         for a, b in zip(params, resumed) for key in opt.state[a])
     params_equal = all(torch.equal(a, b) for a, b in zip(params, resumed))
     return params_equal, momentum_equal, buffer.getvalue()
+
+
+@pytest.mark.timeout(300)
+def test_state_dict_round_trip_with_the_scaled_step():
+    results = run_ranks(_save_resume, 2, 4, 0.9)
+    for params_equal, state_equal, _ in results:
+        assert params_equal and state_equal
+    saved = torch.load(io.BytesIO(results[0][2]), weights_only=False)
+    assert set(saved["opt"]["state"][0]) == {"exp_avg", "vote_ema"} and saved["opt"]["state"][0]["vote_ema"].any()
 
 
 @pytest.mark.timeout(300)

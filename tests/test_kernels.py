@@ -88,17 +88,23 @@ def test_majority_tie_takes_the_casting_vote():
         assert out.tolist() == [0xFF] * 8
 
 
+def _apply_inputs(voters: int, dtype: torch.dtype, seed: int):
+    """Vote-count planes for ``voters`` (one plane: a majority's bits), a parameter, its master or None."""
+    numel = torch_fast.CHUNK + 64 * 5
+    gen = torch.Generator().manual_seed(seed)
+    planes = max(1, voters.bit_length())
+    counts = torch.randint(0, 256, (planes, numel // 8), dtype=torch.uint8, generator=gen)
+    if voters > 1:
+        counts[-1] &= 0  # keep counts <= N where the top plane would overflow
+    param = torch.randn(numel, generator=gen).to(dtype)
+    return counts, param, param.float() if dtype != torch.float32 else None
+
+
 @pytest.mark.parametrize("fast", FAST)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
 def test_apply_matches_reference(dtype, world_size, fast, threads):
-    numel = torch_fast.CHUNK + 64 * 5
-    gen = torch.Generator().manual_seed(3)
-    planes = max(1, world_size.bit_length())
-    counts = torch.randint(0, 256, (planes, numel // 8), dtype=torch.uint8, generator=gen)
-    counts[-1] &= 0  # keep counts <= N where the top plane would overflow
-    param = torch.randn(numel, generator=gen).to(dtype)
-    master = param.float() if dtype != torch.float32 else None
+    counts, param, master = _apply_inputs(world_size, dtype, seed=3)
     results = []
     for impl in (reference, fast):
         p, m = param.clone(), None if master is None else master.clone()
@@ -108,6 +114,37 @@ def test_apply_matches_reference(dtype, world_size, fast, threads):
     assert torch.equal(results[0][0], results[1][0])
     if master is not None:
         assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("fast", FAST)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("voters", [1, 2, 3, 4, 7])
+def test_apply_scaled_matches_reference(dtype, voters, fast, threads):
+    counts, param, master = _apply_inputs(voters, dtype, seed=4)
+    numel = param.numel()
+    results = []
+    for impl in (reference, fast):
+        p, m, ema = param.clone(), None if master is None else master.clone(), torch.zeros(numel)
+        for step in (1, 2, 3):
+            impl.apply_scaled(p, counts, ema, voters=voters, beta=0.9, step=step, lr=1e-3, weight_decay=0.1, master=m)
+        results.append((p, m, ema))
+    for expected, got in zip(results[0], results[1]):
+        assert (expected is None and got is None) or torch.equal(expected, got)
+
+
+def test_reference_scaled_step_follows_the_formula():
+    # one majority plane: coordinates 0-3 voted +, 4-7 voted -; EMA starts at 0
+    param, ema = torch.full((64,), 1.0), torch.zeros(64)
+    vote = torch.tensor([[0b00001111] * 8], dtype=torch.uint8)
+    s = torch.tensor([1.0, 1, 1, 1, -1, -1, -1, -1] * 8)
+    reference.apply_scaled(param, vote, ema, voters=1, beta=0.5, step=1, lr=0.1, weight_decay=0.2)
+    # e = 0.5 s; bias-corrected 1.0 s: the first step is the full Lion step
+    assert torch.allclose(ema, 0.5 * s) and torch.allclose(param, 0.98 - 0.1 * s)
+    flipped = torch.tensor([[0b11110000] * 8], dtype=torch.uint8)
+    reference.apply_scaled(param, flipped, ema, voters=1, beta=0.5, step=2, lr=0.1, weight_decay=0.0)
+    # the vote flipped: e = 0.25 s - 0.5 s = -0.25 s, / (1 - 0.25) = -s/3; step (-s) * (1/9)
+    assert torch.allclose(ema, -0.25 * s)
+    assert torch.allclose(param, 0.98 - 0.1 * s + 0.1 * s / 9)
 
 
 @pytest.mark.parametrize("fast", FAST)

@@ -86,6 +86,8 @@ def test_unused_parameter_oscillates_instead_of_drifting():
     (dict(exchange="ring"), "exchange: 'ring'"),
     (dict(bucket_cap_mb=0), "bucket_cap_mb: 0"),
     (dict(momentum_dtype=torch.int32), "momentum_dtype: torch.int32"),
+    (dict(vote_ema_beta=1.0), "vote_ema_beta: 1.0"),
+    (dict(vote_ema_beta=-0.1), "vote_ema_beta: -0.1"),
 ])
 def test_invalid_arguments_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -164,6 +166,48 @@ def test_load_refuses_foreign_state():
     other = DistLion(torch.nn.Linear(3, 3).parameters())
     with pytest.raises(ValueError, match="layout"):
         other.load_state_dict(state)
+
+
+def test_scaled_step_on_one_group_follows_the_formula():
+    """vote_ema_beta in one param group: that group's step is scaled, the other group is Lion's."""
+    reference, model = _model(), _model()
+    batches = _batches(8)
+    lion = Lion(reference.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    first, rest = list(model.parameters())[:2], list(model.parameters())[2:]
+    ours = DistLion([{"params": first, "vote_ema_beta": 0.8}, {"params": rest}], lr=3e-3, betas=(0.9, 0.99),
+                    weight_decay=0.1)
+    assert "vote_ema" in ours.state[first[0]] and "vote_ema" not in ours.state[rest[0]]
+    ref_first = list(reference.parameters())[:2]
+    x = [p.detach().clone() for p in ref_first]
+    m = [torch.zeros_like(p) for p in ref_first]
+    e = [torch.zeros_like(p) for p in ref_first]
+    for step, batch in enumerate(batches, start=1):
+        _train(model, ours, [batch])
+        _train(reference, lion, [batch])  # the same gradients for the first group: same x so far
+        for i, p in enumerate(ref_first):
+            g = p.grad
+            s = (m[i] * 0.9).add(g, alpha=0.1).sign()  # no exact zeros here (see _model)
+            m[i] = (m[i] * 0.99).add(g, alpha=0.01)
+            e[i] = (e[i] * 0.8).add(s, alpha=0.2)
+            h = e[i] * (1 / (1 - 0.8 ** step))
+            x[i] = (x[i] * (1 - 3e-3 * 0.1)).add(s * h * h, alpha=-3e-3)
+            p.data.copy_(x[i])  # keep the reference's first group on the scaled path
+        for a, b in zip(x, first):
+            assert torch.equal(a, b), f"step {step}"
+    for a, b in zip(list(reference.parameters())[2:], rest):
+        assert torch.equal(a, b)
+
+
+def test_scaled_step_setting_must_match_the_saved_state():
+    model = _model()
+    scaled = DistLion(model.parameters(), vote_ema_beta=0.9)
+    _train(model, scaled, _batches(2))
+    plain = DistLion(_model().parameters())
+    with pytest.raises(ValueError, match="saved with vote_ema_beta=0.9 in param group 0, this optimizer has None"):
+        plain.load_state_dict(scaled.state_dict())
+    plain.param_groups[0]["vote_ema_beta"] = 0.9  # switched on after the buffers were built
+    with pytest.raises(RuntimeError, match="vote_ema_beta=0.9 but was built without it"):
+        _train(model, plain, _batches(1))
 
 
 def test_bf16_parameters_get_fp32_master_weights():

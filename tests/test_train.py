@@ -106,6 +106,8 @@ def test_single_process(tmp_path):
     (["--data", "/nonexistent/corpus.txt"], "--data '/nonexistent/corpus.txt': no such file"),
     (["--warmup_steps", "50", "--steps", "10"], "--warmup_steps 50"),
     (["--accelerate", "--deepspeed_config", "x.json"], "not allowed with argument"),
+    (["--vote_ema_beta", "1.5"], "argument --vote_ema_beta: 1.5 is not in [0, 1) (or 'off')"),
+    (["--optimizer", "adamw", "--vote_ema_beta", "0.9"], "--vote_ema_beta 0.9: only distlion and lion take it"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -117,8 +119,15 @@ def test_bad_arguments_are_named(argv, message, capsys):
 @pytest.mark.timeout(30)
 def test_defaults_follow_lion_guidance():
     adamw, lion = train.parse_args(["--optimizer", "adamw"]), train.parse_args(["--optimizer", "distlion"])
-    assert 3 <= round(adamw.lr / lion.lr, 6) <= 10
+    # the scaled step moves noisy coordinates by ~5% of the lr, so its lr is above AdamW's
+    assert lion.vote_ema_beta == 0.9 and 1 < round(lion.lr / adamw.lr, 6) <= 3
     assert 3 <= round(lion.weight_decay / adamw.weight_decay, 6) <= 10
+    # 'off' builds DistLion with Lion's unscaled step
+    unscaled = train.parse_args(["--optimizer", "distlion", "--vote_ema_beta", "off"])
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    assert train.build_optimizer(unscaled, [{"params": params}], train.Session()).param_groups[0]["vote_ema_beta"] \
+        is None
+    assert train.build_optimizer(lion, [{"params": params}], train.Session()).param_groups[0]["vote_ema_beta"] == 0.9
     explicit = train.parse_args(["--optimizer", "distlion", "--lr", "1e-3", "--weight_decay", "0.5"])
     assert (explicit.lr, explicit.weight_decay) == (1e-3, 0.5)
 

@@ -45,6 +45,11 @@ means +1):
     ``master`` (fp32 copy) when given, then param <- x in param's dtype.
 ``apply_average(param, counts, *, world_size, lr, weight_decay, master=None)``
     as above with s = fp32(2*count - N) / N.
+``apply_scaled(param, counts, vote_ema, *, voters, beta, step, lr, weight_decay, master=None)``
+    as ``apply_average`` with N = ``voters`` (a majority vote is ``counts`` of one plane
+    with ``voters=1``), but first vote_ema <- fp32(vote_ema)*beta + s*(1-beta) (fp32), and
+    the step is s*h*h with h = vote_ema * (1/(1 - beta**step)): coordinates whose vote
+    keeps its sign step by up to the full lr, those whose vote flips by much less.
 """
 
 from __future__ import annotations

@@ -239,27 +239,72 @@ void dl_apply_majority(float *x, uint16_t *bf16, const uint8_t *vote, int64_t n,
     }
 }
 
+#ifdef DL_AVX2
+/* steps[count] for the 8 coordinates of byte k, count read from `planes` bit-planes (plane_bytes apart). */
+static inline __m256 step_lanes(const uint8_t *counts, int64_t plane_bytes, int planes, const float *steps,
+                                int64_t k) {
+    if (planes == 1)  /* a majority vote (or N = 1): a blend instead of a gather */
+        return _mm256_blendv_ps(_mm256_set1_ps(steps[0]), _mm256_set1_ps(steps[1]),
+                                _mm256_castsi256_ps(byte_lanes(counts[k])));
+    __m256i count = _mm256_setzero_si256();
+    for (int p = 0; p < planes; p++)
+        count = _mm256_or_si256(count, _mm256_and_si256(byte_lanes(counts[p * plane_bytes + k]),
+                                                        _mm256_set1_epi32(1 << p)));
+    return _mm256_i32gather_ps(steps, count, 4);
+}
+#endif
+
+/* steps[count] for coordinate j of byte k. */
+static inline float step_of(const uint8_t *counts, int64_t plane_bytes, int planes, const float *steps, int64_t k,
+                            int j) {
+    int count = 0;
+    for (int p = 0; p < planes; p++) count |= ((counts[p * plane_bytes + k] >> j) & 1) << p;
+    return steps[count];
+}
+
 /* As dl_apply_majority with s = steps[count], count read from `planes` bit-planes (plane_bytes apart). */
 void dl_apply_average(float *x, uint16_t *bf16, const uint8_t *counts, int64_t plane_bytes, int planes,
                       const float *steps, int64_t n, float decay, float neg_lr) {
     int64_t k = 0;
 #ifdef DL_AVX2
     const __m256 d = _mm256_set1_ps(decay), step = _mm256_set1_ps(neg_lr);
+    for (; 8 * k + 8 <= n; k++)
+        update8(x + 8 * k, bf16 == NULL ? NULL : bf16 + 8 * k, step_lanes(counts, plane_bytes, planes, steps, k), d,
+                step);
+#endif
+    for (; 8 * k < n; k++) {
+        for (int j = 0; j < 8; j++) {
+            const int64_t i = 8 * k + j;
+            x[i] = fmaf(step_of(counts, plane_bytes, planes, steps, k, j), neg_lr, x[i] * decay);
+            if (bf16 != NULL) bf16[i] = to_bf16(x[i]);
+        }
+    }
+}
+
+/* The scaled step: s = steps[count] as in dl_apply_average, then per coordinate
+ * e = fma(s, one_minus_beta, e*beta), h = e*correction, x = fma((s*h)*h, neg_lr, x*decay). */
+void dl_apply_scaled(float *x, uint16_t *bf16, float *ema, const uint8_t *counts, int64_t plane_bytes, int planes,
+                     const float *steps, int64_t n, float beta, float one_minus_beta, float correction, float decay,
+                     float neg_lr) {
+    int64_t k = 0;
+#ifdef DL_AVX2
+    const __m256 d = _mm256_set1_ps(decay), step = _mm256_set1_ps(neg_lr);
+    const __m256 b = _mm256_set1_ps(beta), omb = _mm256_set1_ps(one_minus_beta), c = _mm256_set1_ps(correction);
     for (; 8 * k + 8 <= n; k++) {
-        __m256i count = _mm256_setzero_si256();
-        for (int p = 0; p < planes; p++)
-            count = _mm256_or_si256(count, _mm256_and_si256(byte_lanes(counts[p * plane_bytes + k]),
-                                                            _mm256_set1_epi32(1 << p)));
-        __m256 s = _mm256_i32gather_ps(steps, count, 4);
-        update8(x + 8 * k, bf16 == NULL ? NULL : bf16 + 8 * k, s, d, step);
+        __m256 s = step_lanes(counts, plane_bytes, planes, steps, k);
+        __m256 e = _mm256_fmadd_ps(s, omb, _mm256_mul_ps(_mm256_loadu_ps(ema + 8 * k), b));
+        _mm256_storeu_ps(ema + 8 * k, e);
+        __m256 h = _mm256_mul_ps(e, c);
+        update8(x + 8 * k, bf16 == NULL ? NULL : bf16 + 8 * k, _mm256_mul_ps(_mm256_mul_ps(s, h), h), d, step);
     }
 #endif
     for (; 8 * k < n; k++) {
         for (int j = 0; j < 8; j++) {
-            int count = 0;
-            for (int p = 0; p < planes; p++) count |= ((counts[p * plane_bytes + k] >> j) & 1) << p;
             const int64_t i = 8 * k + j;
-            x[i] = fmaf(steps[count], neg_lr, x[i] * decay);
+            const float s = step_of(counts, plane_bytes, planes, steps, k, j);
+            ema[i] = fmaf(s, one_minus_beta, ema[i] * beta);
+            const float h = ema[i] * correction;
+            x[i] = fmaf((s * h) * h, neg_lr, x[i] * decay);
             if (bf16 != NULL) bf16[i] = to_bf16(x[i]);
         }
     }

@@ -52,6 +52,7 @@ _SIGNATURES = {
     "dl_vote_counts": ([_P, _I64, _INT, _P, _I64, _INT, _I64], None),
     "dl_apply_majority": ([_P, _P, _P, _I64, _F32, _F32], None),
     "dl_apply_average": ([_P, _P, _P, _I64, _INT, _P, _I64, _F32, _F32], None),
+    "dl_apply_scaled": ([_P, _P, _P, _P, _I64, _INT, _P, _I64, _F32, _F32, _F32, _F32, _F32], None),
 }
 
 _lock = threading.Lock()
@@ -267,12 +268,34 @@ def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, 
     x, bf16 = targets
     lib = library()
     planes = counts.shape[0]
-    # every count the planes can spell has an entry (counts above N never come from a vote)
-    steps = torch.zeros(1 << planes, dtype=torch.float32)
-    steps[:world_size + 1] = average_steps(world_size)
+    steps = _step_table(world_size, planes)
     _split(x.numel(), lambda lo, hi: lib.dl_apply_average(
         _address(x, lo), None if bf16 is None else _address(bf16, lo), _address(counts, lo // 8), counts.shape[1],
         planes, steps.data_ptr(), hi - lo, 1.0 - lr * weight_decay, -lr))
+
+
+def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int, beta: float, step: int, lr: float,
+                 weight_decay: float, master: Tensor | None = None) -> None:
+    targets = _targets(param, master)
+    if targets is None or not _native(vote_ema) or not _native(counts, dtypes=(torch.uint8,)) \
+            or counts.shape[0] > 30:
+        return torch_fast.apply_scaled(param, counts, vote_ema, voters=voters, beta=beta, step=step, lr=lr,
+                                       weight_decay=weight_decay, master=master)
+    x, bf16 = targets
+    lib = library()
+    steps = _step_table(voters, counts.shape[0])
+    correction = 1.0 / (1.0 - beta ** step)
+    _split(x.numel(), lambda lo, hi: lib.dl_apply_scaled(
+        _address(x, lo), None if bf16 is None else _address(bf16, lo), _address(vote_ema, lo),
+        _address(counts, lo // 8), counts.shape[1], counts.shape[0], steps.data_ptr(), hi - lo, beta, 1.0 - beta,
+        correction, 1.0 - lr * weight_decay, -lr))
+
+
+def _step_table(voters: int, planes: int) -> Tensor:
+    """fp32 step for every count the planes can spell (counts above N never come from a vote)."""
+    steps = torch.zeros(1 << planes, dtype=torch.float32)
+    steps[:voters + 1] = average_steps(voters)
+    return steps
 
 
 def average_steps(world_size: int) -> Tensor:

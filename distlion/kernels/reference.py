@@ -103,13 +103,35 @@ def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: floa
     _apply_direction(param, direction, lr, weight_decay, master)
 
 
-def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, weight_decay: float,
-                  master: Tensor | None = None) -> None:
-    count = torch.zeros(param.numel(), dtype=torch.int64, device=param.device)
+def _counts(counts: Tensor) -> Tensor:
+    """Return the per-coordinate vote counts spelled by the bit-planes ``counts`` [B, C]."""
+    count = torch.zeros(counts.shape[1] * 8, dtype=torch.int64, device=counts.device)
     for i in range(counts.shape[0]):
         count += _unpack_bits(counts[i]).long() << i
-    direction = average_steps(world_size).to(param.device)[count]
+    return count
+
+
+def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, weight_decay: float,
+                  master: Tensor | None = None) -> None:
+    direction = average_steps(world_size).to(param.device)[_counts(counts)]
     _apply_direction(param, direction, lr, weight_decay, master)
+
+
+def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int, beta: float, step: int, lr: float,
+                 weight_decay: float, master: Tensor | None = None) -> None:
+    vote = average_steps(voters).to(param.device)[_counts(counts)]
+    _apply_direction(param, scaled_step(vote, vote_ema, beta=beta, step=step), lr, weight_decay, master)
+
+
+def scaled_step(vote: Tensor, vote_ema: Tensor, *, beta: float, step: int) -> Tensor:
+    """Update ``vote_ema`` in place with ``vote`` (fp32) and return the scaled step ``vote * ema_hat**2``.
+
+    ``ema_hat`` is the EMA divided by 1 - beta**step (its bias toward the zero start).
+    """
+    ema = (vote_ema.float() * beta).add(vote, alpha=1.0 - beta)
+    vote_ema.copy_(ema)
+    unbiased = ema * (1.0 / (1.0 - beta ** step))
+    return vote * unbiased * unbiased
 
 
 def average_steps(world_size: int) -> Tensor:

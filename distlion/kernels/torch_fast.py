@@ -227,15 +227,31 @@ def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: floa
             param[lo:hi].copy_(master[lo:hi])
 
 
+def _counts(counts: Tensor, lo: int, hi: int) -> Tensor:
+    """Return the vote counts of coordinates [lo, hi) from their bit-planes, as int32."""
+    count = torch.zeros(hi - lo, dtype=torch.int32, device=counts.device)
+    for i in range(counts.shape[0]):
+        count += _unpack(counts[i, lo // 8:hi // 8], "bits").to(torch.int32) << i
+    return count
+
+
 def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, weight_decay: float,
                   master: Tensor | None = None) -> None:
     target = param if master is None else master
     steps = average_steps(world_size).to(param.device)
     for lo, hi in _chunks(param.numel()):
-        count = torch.zeros(hi - lo, dtype=torch.int32, device=param.device)
-        for i in range(counts.shape[0]):
-            count += _unpack(counts[i, lo // 8:hi // 8], "bits").to(torch.int32) << i
-        _apply_direction(target[lo:hi], steps[count], lr, weight_decay)
+        _apply_direction(target[lo:hi], steps[_counts(counts, lo, hi)], lr, weight_decay)
+        if master is not None:
+            param[lo:hi].copy_(master[lo:hi])
+
+
+def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int, beta: float, step: int, lr: float,
+                 weight_decay: float, master: Tensor | None = None) -> None:
+    target = param if master is None else master
+    steps = average_steps(voters).to(param.device)
+    for lo, hi in _chunks(param.numel()):
+        direction = reference.scaled_step(steps[_counts(counts, lo, hi)], vote_ema[lo:hi], beta=beta, step=step)
+        _apply_direction(target[lo:hi], direction, lr, weight_decay)
         if master is not None:
             param[lo:hi].copy_(master[lo:hi])
 

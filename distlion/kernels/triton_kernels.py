@@ -43,7 +43,7 @@ from distlion.kernels.gather import pack_after_gather
 
 __all__ = [
     "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "pack_grads_and_momentum", "update_momentum", "nonfinite", "majority_vote", "vote_counts",
-    "apply_majority", "apply_average",
+    "apply_majority", "apply_average", "apply_scaled",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -523,13 +523,8 @@ def _apply_majority_kernel(target_ptr, param_ptr, vote_ptr, n_bytes, decay, neg_
 
 
 @triton.jit
-def _apply_average_kernel(target_ptr, param_ptr, counts_ptr, n_bytes, world_size, decay, neg_lr,
-                          T_BF16: tl.constexpr, P_BF16: tl.constexpr, HAS_MASTER: tl.constexpr,
-                          B: tl.constexpr, BYTES: tl.constexpr):
-    byte, bit = _tile(BYTES)
-    offs = byte[:, None] * 8 + bit[None, :]
-    in_bounds = byte < n_bytes
-    mask = in_bounds[:, None]
+def _average_step(counts_ptr, byte, bit, in_bounds, n_bytes, world_size, B: tl.constexpr, BYTES: tl.constexpr):
+    """The average vote's step (2*count - N) / N of a [BYTES, 8] tile, count from B bit-planes."""
     count = tl.zeros([BYTES, 8], dtype=tl.int32)
     plane_ptrs = counts_ptr + byte
     for i in tl.static_range(B):
@@ -537,7 +532,18 @@ def _apply_average_kernel(target_ptr, param_ptr, counts_ptr, n_bytes, world_size
         count += ((plane[:, None] >> bit[None, :]) & 1) << i
         plane_ptrs += n_bytes
     # torch: (2*count - N).float() / N, an IEEE fp32 division; the numerator is exact.
-    direction = tl.div_rn((2 * count).to(tl.float32) - world_size, world_size)
+    return tl.div_rn((2 * count).to(tl.float32) - world_size, world_size)
+
+
+@triton.jit
+def _apply_average_kernel(target_ptr, param_ptr, counts_ptr, n_bytes, world_size, decay, neg_lr,
+                          T_BF16: tl.constexpr, P_BF16: tl.constexpr, HAS_MASTER: tl.constexpr,
+                          B: tl.constexpr, BYTES: tl.constexpr):
+    byte, bit = _tile(BYTES)
+    offs = byte[:, None] * 8 + bit[None, :]
+    in_bounds = byte < n_bytes
+    mask = in_bounds[:, None]
+    direction = _average_step(counts_ptr, byte, bit, in_bounds, n_bytes, world_size, B, BYTES)
     x = _load_f32(target_ptr, offs, mask, T_BF16) * decay
     x = tl.fma(direction, neg_lr, x)
     _store_f32(target_ptr, offs, x, mask, T_BF16)
@@ -560,6 +566,15 @@ def _apply_operands(param: Tensor, master: Tensor | None) -> tuple[Tensor, Tenso
         "T_BF16": False, "P_BF16": param.dtype == _BF16, "HAS_MASTER": True}
 
 
+def _check_counts(counts: Tensor, n_bytes: int, voters: int) -> None:
+    """Check vote-count bit-planes [B, n_bytes] and the number of voters they count."""
+    if counts.dim() != 2:
+        raise ValueError(f"counts must be [B, C], got shape {tuple(counts.shape)}")
+    _check_bytes("counts", counts, (counts.shape[0], n_bytes))
+    if not 1 <= voters < 1 << 24:  # 2*count - N must be exact in fp32
+        raise ValueError(f"world_size must be in [1, 2**24), got {voters}")
+
+
 def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: float,
                    master: Tensor | None = None) -> None:
     """Apply x <- x*(1 - lr*wd) - lr*sign(vote) to master (or param), then round into param."""
@@ -580,15 +595,49 @@ def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, 
     """Apply x <- x*(1 - lr*wd) - lr*(2*count - N)/N to master (or param), then round into param."""
     target, out, flags = _apply_operands(param, master)
     n_bytes = param.numel() // 8
-    if counts.dim() != 2:
-        raise ValueError(f"counts must be [B, C], got shape {tuple(counts.shape)}")
-    _check_bytes("counts", counts, (counts.shape[0], n_bytes))
-    if not 1 <= world_size < 1 << 24:  # 2*count - N must be exact in fp32
-        raise ValueError(f"world_size must be in [1, 2**24), got {world_size}")
+    _check_counts(counts, n_bytes, world_size)
     if n_bytes == 0:
         return
     bytes_per_program = BLOCK // 8
     grid = (triton.cdiv(n_bytes, bytes_per_program),)
     _apply_average_kernel[grid](
         target, out, counts, n_bytes, float(world_size), _f32(1.0 - lr * weight_decay), _f32(-lr),
+        **flags, B=counts.shape[0], BYTES=bytes_per_program, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+@triton.jit
+def _apply_scaled_kernel(target_ptr, param_ptr, ema_ptr, counts_ptr, n_bytes, voters, beta, one_minus_beta,
+                         correction, decay, neg_lr, T_BF16: tl.constexpr, P_BF16: tl.constexpr,
+                         HAS_MASTER: tl.constexpr, B: tl.constexpr, BYTES: tl.constexpr):
+    byte, bit = _tile(BYTES)
+    offs = byte[:, None] * 8 + bit[None, :]
+    in_bounds = byte < n_bytes
+    mask = in_bounds[:, None]
+    vote = _average_step(counts_ptr, byte, bit, in_bounds, n_bytes, voters, B, BYTES)
+    ema = tl.fma(vote, one_minus_beta, tl.load(ema_ptr + offs, mask=mask, other=0.0) * beta)
+    tl.store(ema_ptr + offs, ema, mask=mask)
+    unbiased = ema * correction
+    x = _load_f32(target_ptr, offs, mask, T_BF16) * decay
+    x = tl.fma((vote * unbiased) * unbiased, neg_lr, x)
+    _store_f32(target_ptr, offs, x, mask, T_BF16)
+    if HAS_MASTER:
+        _store_f32(param_ptr, offs, x, mask, P_BF16)
+
+
+def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int, beta: float, step: int, lr: float,
+                 weight_decay: float, master: Tensor | None = None) -> None:
+    """The scaled step (see the contract in ``distlion.kernels``) in one pass."""
+    target, out, flags = _apply_operands(param, master)
+    n_bytes = param.numel() // 8
+    _check_counts(counts, n_bytes, voters)
+    _check_flat("vote_ema", vote_ema, param.numel())
+    if vote_ema.dtype != torch.float32:
+        raise ValueError(f"vote_ema must be float32, got {vote_ema.dtype}")
+    if n_bytes == 0:
+        return
+    bytes_per_program = BLOCK // 8
+    grid = (triton.cdiv(n_bytes, bytes_per_program),)
+    _apply_scaled_kernel[grid](
+        target, out, vote_ema, counts, n_bytes, float(voters), _f32(beta), _f32(1.0 - beta),
+        _f32(1.0 / (1.0 - beta ** step)), _f32(1.0 - lr * weight_decay), _f32(-lr),
         **flags, B=counts.shape[0], BYTES=bytes_per_program, num_warps=NUM_WARPS, enable_fp_fusion=False)

@@ -375,6 +375,27 @@ def test_apply_majority(block, param_dtype, with_master, lr, weight_decay):
     _run_apply("apply_majority", param_dtype, with_master, vote, lr=lr, weight_decay=weight_decay)
 
 
+@pytest.mark.parametrize("param_dtype,with_master", PARAMS)
+@pytest.mark.parametrize("voters", [1, 4, 7])
+def test_apply_scaled(block, param_dtype, with_master, voters):
+    planes = max(1, voters.bit_length())
+    counts = _packed_rows(planes, SIZES[0] // 8, 21)
+    if voters > 1:
+        counts[-1] &= 0  # counts <= N
+    d = SIZES[0]
+    master = _values(d, F32, 9, scale=1e-3) if with_master else None
+    param = master.to(param_dtype) if with_master else _values(d, param_dtype, 9, scale=1e-3)
+    ema = _values(d, F32, 10, scale=0.5)
+    got = [dev(param), dev(master) if with_master else None, dev(ema)]
+    triton_kernels.apply_scaled(got[0], dev(counts), got[2], voters=voters, beta=0.9, step=3, lr=1e-3,
+                                weight_decay=0.1, master=got[1])
+    reference.apply_scaled(param, counts, ema, voters=voters, beta=0.9, step=3, lr=1e-3, weight_decay=0.1,
+                           master=master)
+    for actual, expected in zip(got, (param, master, ema)):
+        if expected is not None:
+            assert_bitwise(actual, expected)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # numpy's fp16 cast, on purpose
 @pytest.mark.parametrize("param_dtype", [BF16, F16])
 def test_apply_majority_rounds_master_like_torch(param_dtype):
@@ -453,6 +474,10 @@ cases = [
      apply_flags, [r"fma\.rn\.f32"]),
     (T._apply_average_kernel, {k: v for k, v in apply_sig.items() if k != "vote_ptr"},
      {**apply_flags, "B": 3}, [r"fma\.rn\.f32", r"div\.rn\.f32"]),
+    (T._apply_scaled_kernel, {"target_ptr": "*fp32", "param_ptr": "*i16", "ema_ptr": "*fp32", "counts_ptr": "*u8",
+                              "n_bytes": "i32", "voters": "fp32", "beta": "fp32", "one_minus_beta": "fp32",
+                              "correction": "fp32", "decay": "fp32", "neg_lr": "fp32"},
+     {**apply_flags, "B": 1}, [r"fma\.rn\.f32", r"div\.rn\.f32"]),
 ]
 for arch in (80, 90):
     for kernel, signature, constexprs, wanted in cases:
@@ -480,4 +505,4 @@ def test_kernels_compile_for_gpus():
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=110, cwd=root)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 16" in result.stdout
+    assert "compiled 18" in result.stdout
