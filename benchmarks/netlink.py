@@ -4,7 +4,8 @@ Two or four workers, each in a network namespace of its own. Two are joined by o
 veth pair; four by veth pairs to a bridge (in a namespace of its own too), like hosts
 on a switch. Every link is limited in both directions with ``tc qdisc ... tbf rate R``
 (1gbit and 10gbit by default). The workers run the same training steps with DistLion
-and with AdamW + DDP (see ``harness.py``) and report
+(Lion's step, and the scaled step ``vote_ema_beta=0.9``) and with AdamW + DDP (see
+``step_time.py`` and ``harness.py``) and report
 
 - bytes on the wire: each worker's interface counters (tx and rx bytes, headers and
   acknowledgements included) around the timed steps;
@@ -213,6 +214,7 @@ def summarize_link(measured: dict) -> dict:
     lion, ddp, ddp_phase = out["distlion"], out["adamw_ddp"], out["adamw_ddp_phase"]
     out["ratios"] = {
         "phase_adamw_over_distlion": ddp_phase["phase_s"] / lion["phase_s"],
+        "phase_adamw_over_distlion_scaled": ddp_phase["phase_s"] / out["distlion_scaled"]["phase_s"],
         "step_adamw_over_distlion": ddp["step_s"] / lion["step_s"],
         "wire_bytes_adamw_over_distlion": ddp["wire_tx_bytes_per_step"] / lion["wire_tx_bytes_per_step"],
         "counted_bytes_adamw_over_distlion": ddp["bytes_sent_per_step"] / lion["bytes_sent_per_step"],
@@ -223,13 +225,14 @@ def summarize_link(measured: dict) -> dict:
 def print_link(world_size: int, rate: str, summary: dict) -> None:
     print(f"\nN = {world_size} workers, {rate} links (per rank, mean over ranks of per-rank medians)")
     print(f"{'trainer':18s} {'phase ms':>9} {'step ms':>9} {'wire tx/step':>14} {'counted/step':>14}")
-    for name in ("distlion", "adamw_ddp", "adamw_ddp_phase"):
+    for name in step_time.TRAINERS:
         t = summary[name]
         print(f"{name:18s} {t['phase_s'] * 1e3:9.1f} {t['step_s'] * 1e3:9.1f} {t['wire_tx_bytes_per_step']:14,.0f} "
               f"{t['bytes_sent_per_step']:14,.0f}")
     r = summary["ratios"]
     print(f"AdamW + DDP / DistLion: phase {r['phase_adamw_over_distlion']:.1f}x, whole step "
-          f"{r['step_adamw_over_distlion']:.2f}x, wire bytes {r['wire_bytes_adamw_over_distlion']:.1f}x")
+          f"{r['step_adamw_over_distlion']:.2f}x, wire bytes {r['wire_bytes_adamw_over_distlion']:.1f}x; "
+          f"phase with the scaled step {r['phase_adamw_over_distlion_scaled']:.1f}x")
 
 
 def main(argv: list[str] | None = None) -> dict | None:

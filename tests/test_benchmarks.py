@@ -137,9 +137,10 @@ def test_netlink_smoke_or_clean_skip(tmp_path):
     (run,) = record["runs"]
     assert run["world_size"] == 2 and run["rate"] == "1gbit"
     # The interfaces saw at least the payload the counters claim, for both trainers.
-    for name in ("distlion", "adamw_ddp"):
+    for name in ("distlion", "distlion_scaled", "adamw_ddp"):
         assert run[name]["wire_tx_bytes_per_step"] >= run[name]["bytes_sent_per_step"]
     assert run["ratios"]["counted_bytes_adamw_over_distlion"] > 30
+    assert run["ratios"]["phase_adamw_over_distlion_scaled"] > 0
 
 
 @pytest.mark.timeout(180)
