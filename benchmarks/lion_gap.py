@@ -38,6 +38,7 @@ import harness  # noqa: E402
 import torch  # noqa: E402
 
 from distlion import DistLion  # noqa: E402
+from distlion.kernels.reference import bias_correction  # noqa: E402
 from launch.data import load_corpus, train_batch  # noqa: E402
 from launch.model import GPT, GPTConfig  # noqa: E402
 from launch.train import DEFAULT_HYPERPARAMETERS, Session, evaluate, lr_at  # noqa: E402
@@ -158,7 +159,7 @@ def mean_step_scale(optimizers: list[torch.optim.Optimizer], steps: int) -> floa
         for group in optimizer.param_groups:
             beta = group.get("vote_ema_beta")
             for param in group["params"] if beta is not None else ():
-                unbiased = optimizer.state[param]["vote_ema"] / (1 - beta ** steps)
+                unbiased = optimizer.state[param]["vote_ema"] * bias_correction(beta, steps)
                 total, count = total + float((unbiased * unbiased).sum()), count + unbiased.numel()
     return round(total / count, 4) if count else None
 

@@ -6,8 +6,9 @@ update). A GPT of 3.89M parameters by default (``--size medium``: 24.2M). Per st
 
 - phase: the optimizer-plus-communication phase. DistLion: ``optimizer.step()``
   (pack, exchange, vote, apply), with Lion's step and with the scaled step
-  (``vote_ema_beta=0.9``, ``distlion_scaled``: the apply also updates an fp32 EMA). AdamW: DDP's bucket all-reduces run after backward,
-  then ``AdamW.step()`` (see ``harness.py``).
+  (``vote_ema_beta=0.9``, ``distlion_scaled``: the apply also updates an fp32 EMA).
+  AdamW: DDP's bucket all-reduces run after backward, then ``AdamW.step()`` (see
+  ``harness.py``).
 - step: the whole step, forward + backward + phase; AdamW's is DDP as users run it,
   all-reduce overlapped with backward.
 

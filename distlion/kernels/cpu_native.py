@@ -284,7 +284,7 @@ def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int
     x, bf16 = targets
     lib = library()
     steps = _step_table(voters, counts.shape[0])
-    correction = 1.0 / (1.0 - beta ** step)
+    correction = reference.bias_correction(beta, step)
     _split(x.numel(), lambda lo, hi: lib.dl_apply_scaled(
         _address(x, lo), None if bf16 is None else _address(bf16, lo), _address(vote_ema, lo),
         _address(counts, lo // 8), counts.shape[1], counts.shape[0], steps.data_ptr(), hi - lo, beta, 1.0 - beta,

@@ -130,8 +130,13 @@ def scaled_step(vote: Tensor, vote_ema: Tensor, *, beta: float, step: int) -> Te
     """
     ema = (vote_ema.float() * beta).add(vote, alpha=1.0 - beta)
     vote_ema.copy_(ema)
-    unbiased = ema * (1.0 / (1.0 - beta ** step))
+    unbiased = ema * bias_correction(beta, step)
     return vote * unbiased * unbiased
+
+
+def bias_correction(beta: float, step: int) -> float:
+    """1 / (1 - beta**step): what the EMA of ``step`` votes, started at zero, is multiplied by."""
+    return 1.0 / (1.0 - beta ** step)
 
 
 def average_steps(world_size: int) -> Tensor:

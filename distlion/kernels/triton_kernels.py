@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from distlion.kernels.gather import pack_after_gather
+from distlion.kernels.reference import bias_correction
 
 __all__ = [
     "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "pack_grads_and_momentum", "update_momentum", "nonfinite", "majority_vote", "vote_counts",
@@ -566,13 +567,13 @@ def _apply_operands(param: Tensor, master: Tensor | None) -> tuple[Tensor, Tenso
         "T_BF16": False, "P_BF16": param.dtype == _BF16, "HAS_MASTER": True}
 
 
-def _check_counts(counts: Tensor, n_bytes: int, voters: int) -> None:
-    """Check vote-count bit-planes [B, n_bytes] and the number of voters they count."""
+def _check_counts(counts: Tensor, n_bytes: int, voters: int, name: str) -> None:
+    """Check vote-count bit-planes [B, n_bytes] and the number of voters they count (argument ``name``)."""
     if counts.dim() != 2:
         raise ValueError(f"counts must be [B, C], got shape {tuple(counts.shape)}")
     _check_bytes("counts", counts, (counts.shape[0], n_bytes))
     if not 1 <= voters < 1 << 24:  # 2*count - N must be exact in fp32
-        raise ValueError(f"world_size must be in [1, 2**24), got {voters}")
+        raise ValueError(f"{name} must be in [1, 2**24), got {voters}")
 
 
 def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: float,
@@ -595,7 +596,7 @@ def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, 
     """Apply x <- x*(1 - lr*wd) - lr*(2*count - N)/N to master (or param), then round into param."""
     target, out, flags = _apply_operands(param, master)
     n_bytes = param.numel() // 8
-    _check_counts(counts, n_bytes, world_size)
+    _check_counts(counts, n_bytes, world_size, "world_size")
     if n_bytes == 0:
         return
     bytes_per_program = BLOCK // 8
@@ -629,7 +630,7 @@ def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int
     """The scaled step (see the contract in ``distlion.kernels``) in one pass."""
     target, out, flags = _apply_operands(param, master)
     n_bytes = param.numel() // 8
-    _check_counts(counts, n_bytes, voters)
+    _check_counts(counts, n_bytes, voters, "voters")
     _check_flat("vote_ema", vote_ema, param.numel())
     if vote_ema.dtype != torch.float32:
         raise ValueError(f"vote_ema must be float32, got {vote_ema.dtype}")
@@ -639,5 +640,5 @@ def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int
     grid = (triton.cdiv(n_bytes, bytes_per_program),)
     _apply_scaled_kernel[grid](
         target, out, vote_ema, counts, n_bytes, float(voters), _f32(beta), _f32(1.0 - beta),
-        _f32(1.0 / (1.0 - beta ** step)), _f32(1.0 - lr * weight_decay), _f32(-lr),
+        _f32(bias_correction(beta, step)), _f32(1.0 - lr * weight_decay), _f32(-lr),
         **flags, B=counts.shape[0], BYTES=bytes_per_program, num_warps=NUM_WARPS, enable_fp_fusion=False)
