@@ -7,20 +7,26 @@ decoupled weight decay, so parameters stay bit-identical without any broadcast::
     c_i  = beta1*m_i + (1-beta1)*g_i          local interpolation
     s_i  = sign(c_i)                          1 bit; c_i == 0 -> alternating pattern
     m_i <- beta2*m_i + (1-beta2)*g_i          local momentum, never communicated
-    D    = sign(sum_i s_i)                    vote="majority" (tie: rank step % N decides)
-         | (1/N) * sum_i s_i                  vote="average"
+    D    = sign(sum_i s_i)                    vote="majority" (tie: voter step % M decides)
+         | (1/M) * sum_i s_i                  vote="average"
     x   <- x*(1 - lr*wd) - lr*D
     with vote_ema_beta=b:  e <- b*e + (1-b)*D;  x <- x*(1 - lr*wd) - lr*D*(e/(1-b^t))^2
 
+With ``ranks_per_node=G`` a node of G ranks votes as one worker i: g_i is the mean of
+its ranks' gradients (an intra-node reduce-scatter), rank j of the node holds the
+momentum, master weights and vote EMA of chunk j of every bucket only, votes on chunk j
+with rank j of the other M - 1 nodes, applies it, and the node all-gathers the updated
+parameters. ``ranks_per_node=1`` is the flat vote of every rank (M = N).
+
 With one rank (or no process group) and no vote_ema_beta this is exactly Lion.
-``step()`` only orchestrates: kernels (``distlion.kernels``) do the math, exchanges
-(``distlion.comm``) move the bytes.
+``step()`` only orchestrates: kernels (``distlion.kernels``) do the math, the vote rule
+(``distlion.vote``) owns the vote, exchanges and node collectives (``distlion.comm``)
+move the bytes.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -28,14 +34,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distlion.comm import CommStats, choose_exchange, make_exchange, ring_allreduce_bytes
+from distlion.comm import CommStats, choose_exchange, make_exchange, make_node, ring_allreduce_bytes
 from distlion.kernels import kernels_for
 from distlion.kernels.gather import gather_into
 from distlion.layout import Bucket, BucketLayout, build_layout, slot_views
+from distlion.topology import (AUTO, NodeTopology, check_ranks_per_node, from_groups, resolve_ranks_per_node,
+                               single_rank, split_group)
+from distlion.vote import VOTES, VoteRule
 
 logger = logging.getLogger(__name__)
 
-VOTES = ("majority", "average")
 EXCHANGES = ("auto", "two_phase", "all_gather")
 STATE_FORMAT = 1
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -43,23 +51,23 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 @dataclass
 class _BucketBuffers:
-    """Flat tensors of one bucket, allocated once. ``params`` backs the parameters' data."""
+    """Flat tensors of one bucket, allocated once. ``params`` backs the parameters' data.
+
+    ``params`` covers the whole bucket; the optimizer state covers this rank's chunk of
+    it only (the whole bucket when a node is one rank).
+    """
 
     params: Tensor
-    grads: Tensor
+    node_grads: Tensor | None  # the whole bucket's local gradient, reduced over the node (ranks_per_node > 1)
+    grads: Tensor              # the chunk's gradient: the node's mean over its ranks
     momentum: Tensor
     bits: Tensor
     master: Tensor | None
     vote_ema: Tensor | None  # fp32 EMA of the voted steps, for groups with vote_ema_beta
 
 
-def count_planes(world_size: int) -> int:
-    """Bits needed to send a vote count in 0..N: ceil(log2(N + 1))."""
-    return max(1, math.ceil(math.log2(world_size + 1)))
-
-
 class DistLion(torch.optim.Optimizer):
-    """Lion whose update is the vote of every data-parallel rank's 1-bit sign.
+    """Lion whose update is the vote of every data-parallel rank's (or node's) 1-bit sign.
 
     Args:
         params: parameters or param groups (groups may set lr, betas, weight_decay,
@@ -68,9 +76,10 @@ class DistLion(torch.optim.Optimizer):
         betas: (beta1, beta2): interpolation for the sign and momentum decay.
         weight_decay: decoupled weight decay (Lion wants 3-10x more than AdamW).
         vote: "majority" (sign of the sum of signs) or "average" (mean of the signs).
-        exchange: "two_phase", "all_gather", or "auto" (all_gather for N <= 2).
-        process_group: ranks that vote together; default the world group when
-            torch.distributed is initialised, else a single rank (plain Lion).
+        exchange: "two_phase", "all_gather", or "auto" (all_gather for M <= 2 voters).
+        process_group: the data-parallel ranks; default the world group when
+            torch.distributed is initialised, else a single rank (plain Lion). With
+            ``node_group``, the ranks that vote with this one (one per node).
         bucket_cap_mb: soft cap on a bucket, in MiB of fp32; one collective per bucket.
         master_weights: keep fp32 copies of bf16/fp16 parameters and update those
             (a small lr vanishes in bf16 otherwise).
@@ -82,6 +91,14 @@ class DistLion(torch.optim.Optimizer):
             flips moves much less (Adam's adaptivity, from the shared votes alone: no
             extra bytes, 4 more bytes of state per parameter). Such steps are smaller
             on average: use a larger lr (2x AdamW's on the demo task).
+        ranks_per_node: G, the ranks of one node, which vote as one worker: ranks
+            ``[k*G, (k+1)*G)`` of ``process_group`` form node k (torchrun's order).
+            1: every rank votes. "auto" (default): ``LOCAL_WORLD_SIZE`` when the world
+            group spans more than one node, else 1.
+        node_group: a process group of this node's ranks, built by the caller, instead
+            of ``ranks_per_node``; ``process_group`` is then the group of the ranks with
+            the same place in every node.
+        reduce_dtype: dtype of the intra-node gradient reduce-scatter; default float32.
 
     Example::
 
@@ -96,8 +113,10 @@ class DistLion(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, vote: str = "majority", exchange: str = "auto",
                  process_group: Any = None, bucket_cap_mb: float = 25, master_weights: bool = True,
-                 momentum_dtype: torch.dtype | None = None, vote_ema_beta: float | None = None):
+                 momentum_dtype: torch.dtype | None = None, vote_ema_beta: float | None = None,
+                 ranks_per_node: int | str = AUTO, node_group: Any = None, reduce_dtype: torch.dtype | None = None):
         _check_hyperparameters(lr, betas, weight_decay, vote_ema_beta)
+        check_ranks_per_node(ranks_per_node)
         if vote not in VOTES:
             raise ValueError(f"Invalid vote: {vote!r}; use one of {VOTES}")
         if exchange not in EXCHANGES:
@@ -107,28 +126,64 @@ class DistLion(torch.optim.Optimizer):
         momentum_dtype = momentum_dtype or torch.float32
         if not momentum_dtype.is_floating_point:
             raise ValueError(f"Invalid momentum_dtype: {momentum_dtype}; use a floating dtype")
+        reduce_dtype = reduce_dtype or torch.float32
+        if not (isinstance(reduce_dtype, torch.dtype) and reduce_dtype.is_floating_point):
+            raise ValueError(f"Invalid reduce_dtype: {reduce_dtype}; use a floating dtype, e.g. torch.float32")
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, vote=vote, exchange=exchange,
                         bucket_cap_mb=bucket_cap_mb, master_weights=master_weights,
-                        momentum_dtype=momentum_dtype, vote_ema_beta=vote_ema_beta)
+                        momentum_dtype=momentum_dtype, vote_ema_beta=vote_ema_beta, reduce_dtype=reduce_dtype)
         super().__init__(params, defaults)
         for group in self.param_groups:
             _check_hyperparameters(group["lr"], group["betas"], group["weight_decay"], group["vote_ema_beta"])
-            for key in ("vote", "exchange", "bucket_cap_mb", "master_weights", "momentum_dtype"):
+            for key in ("vote", "exchange", "bucket_cap_mb", "master_weights", "momentum_dtype", "reduce_dtype"):
                 if group[key] != defaults[key]:
                     raise ValueError(f"{key} must be the same for all param groups; got {group[key]!r} "
                                      f"in a group and {defaults[key]!r} for the optimizer")
 
         self.process_group = _resolve_group(process_group)
-        self.world_size = dist.get_world_size(self.process_group) if self.process_group is not None else 1
-        self.rank = dist.get_rank(self.process_group) if self.process_group is not None else 0
         self.vote = vote
-        self.exchange_name = choose_exchange(exchange, self.world_size)
         self.comm_stats = CommStats()
         self._step = 0
         self.overflow = False  # True after a step that every rank skipped
         self._warned_skip = False
         self._pending_tensors: dict | None = None  # loaded before a re-layout, applied by it
+        self.topology = self._resolve_topology(process_group, ranks_per_node, node_group)
+        self.world_size = self.topology.world_size
+        self.rank = self.topology.rank
+        self.ranks_per_node = self.topology.ranks_per_node
+        self.vote_rule = VoteRule(vote, self.topology.nodes)
+        self.exchange_name = choose_exchange(exchange, self.topology.nodes)
+        self.comm_stats.ranks_per_node = self.ranks_per_node
         self._build(previous=None)
+
+    def _resolve_topology(self, process_group: Any, ranks_per_node: int | str, node_group: Any) -> NodeTopology:
+        """Find the nodes, checking on every rank that all ranks agree before any group is built."""
+        if node_group is not None:
+            if process_group is None:
+                raise ValueError("node_group needs process_group: pass the group of the ranks that vote with "
+                                 "this one (the rank with the same place in every node), or pass ranks_per_node "
+                                 "instead of node_group")
+            topology = from_groups(self.process_group, node_group)
+            if ranks_per_node not in (AUTO, topology.ranks_per_node):
+                raise ValueError(f"ranks_per_node={ranks_per_node!r} differs from the size of node_group "
+                                 f"({topology.ranks_per_node}); leave ranks_per_node at 'auto' with node_group")
+            self._check_agreement([self.process_group, node_group], topology.world_size, topology.ranks_per_node)
+            return topology
+        if self.process_group is None:
+            if ranks_per_node not in (AUTO, 1):
+                raise ValueError(f"ranks_per_node={ranks_per_node!r} needs torch.distributed: initialise the "
+                                 f"process group first (e.g. launch with torchrun), or use ranks_per_node=1")
+            return single_rank()
+        world_size = dist.get_world_size(self.process_group)
+        resolved = resolve_ranks_per_node(ranks_per_node, world_size, self.process_group is dist.group.WORLD)
+        self._check_agreement([self.process_group], world_size, resolved)
+        return split_group(self.process_group, resolved)
+
+    def _check_agreement(self, groups: list[Any], world_size: int, ranks_per_node: int) -> None:
+        """Raise on every rank of ``groups`` if any of them laid out other parameters or nodes."""
+        layout = build_layout(self.param_groups, world_size, self.defaults["bucket_cap_mb"])
+        for group in groups:
+            _check_layout_agrees(layout, group, ranks_per_node)
 
     # ------------------------------------------------------------------ layout
 
@@ -142,11 +197,10 @@ class DistLion(torch.optim.Optimizer):
         the parameters were moved or replaced); None starts from zero momentum.
         """
         self.layout: BucketLayout = build_layout(self.param_groups, self.world_size, self.defaults["bucket_cap_mb"])
-        _check_layout_agrees(self.layout, self.process_group, self.rank)
         params = self._params_in_order()
         self._buffers: list[_BucketBuffers] = []
-        self._param_views: list[list[Tensor]] = []
-        self._grad_views: list[list[Tensor]] = []
+        self._gather_views: list[list[Tensor]] = []    # where each p.grad is gathered to
+        self._grad_views: list[list[Tensor]] = []      # each parameter's part of the chunk buffers
         self._momentum_views: list[list[Tensor]] = []
         self._bucket_params: list[list[Tensor]] = []
         for bucket in self.layout.buckets:
@@ -157,10 +211,10 @@ class DistLion(torch.optim.Optimizer):
                 view.copy_(param.detach())
                 param.data = view  # the parameter now lives in the bucket
             if buffers.master is not None:
-                buffers.master.copy_(buffers.params)
+                buffers.master.copy_(self._chunk(buffers.params))
             for slot, param, momentum, master, vote_ema in zip(
-                    bucket.slots, members, slot_views(buffers.momentum, bucket),
-                    _optional_views(buffers.master, bucket), _optional_views(buffers.vote_ema, bucket)):
+                    bucket.slots, members, self._chunk_views(buffers.momentum, bucket),
+                    self._chunk_views(buffers.master, bucket), self._chunk_views(buffers.vote_ema, bucket)):
                 state = {"exp_avg": momentum}
                 if master is not None:
                     state["master"] = master
@@ -172,30 +226,55 @@ class DistLion(torch.optim.Optimizer):
                         value.copy_(carried[key])
                 self.state[param] = state
             self._buffers.append(buffers)
-            self._param_views.append(views)
-            self._grad_views.append(slot_views(buffers.grads, bucket))
+            self._grad_views.append(self._chunk_views(buffers.grads, bucket))
+            self._gather_views.append(self._grad_views[-1] if buffers.node_grads is None
+                                      else slot_views(buffers.node_grads, bucket))
             self._momentum_views.append([self.state[param]["exp_avg"] for param in members])
             self._bucket_params.append(members)
         self._laid_out = params
         self._data_ptrs = [p.data_ptr() for p in params]
-        bucket_bytes = [bucket.padded_numel // 8 for bucket in self.layout.buckets]
         device = self.layout.buckets[0].device if self.layout.buckets else torch.device("cpu")
-        planes = 1 if self.vote == "majority" else count_planes(self.world_size)
-        self._exchange = make_exchange(self.exchange_name, self.process_group, bucket_bytes, planes, device,
-                                       self.comm_stats)
+        chunk_bytes = [bucket.padded_numel // self.ranks_per_node // 8 for bucket in self.layout.buckets]
+        self._exchange = make_exchange(self.exchange_name, self.topology.vote_group, chunk_bytes,
+                                       self.vote_rule.planes, device, self.comm_stats)
+        self._node = make_node(self.topology, self.comm_stats)
 
     def _allocate(self, bucket: Bucket) -> _BucketBuffers:
         n, dev = bucket.padded_numel, bucket.device
+        chunk = n // self.ranks_per_node
         low_precision = bucket.dtype in _LOW_PRECISION and self.defaults["master_weights"]
         scaled = self.param_groups[bucket.group_index]["vote_ema_beta"] is not None
+        sharded = self.ranks_per_node > 1
+        grad_dtype = self.defaults["reduce_dtype"] if sharded else bucket.dtype
         return _BucketBuffers(
             params=torch.zeros(n, dtype=bucket.dtype, device=dev),
-            grads=torch.zeros(n, dtype=bucket.dtype, device=dev),
-            momentum=torch.zeros(n, dtype=self.defaults["momentum_dtype"], device=dev),
-            bits=torch.zeros(n // 8, dtype=torch.uint8, device=dev),
-            master=torch.zeros(n, dtype=torch.float32, device=dev) if low_precision else None,
-            vote_ema=torch.zeros(n, dtype=torch.float32, device=dev) if scaled else None,
+            node_grads=torch.zeros(n, dtype=grad_dtype, device=dev) if sharded else None,
+            grads=torch.zeros(chunk, dtype=grad_dtype, device=dev),
+            momentum=torch.zeros(chunk, dtype=self.defaults["momentum_dtype"], device=dev),
+            bits=torch.zeros(chunk // 8, dtype=torch.uint8, device=dev),
+            master=torch.zeros(chunk, dtype=torch.float32, device=dev) if low_precision else None,
+            vote_ema=torch.zeros(chunk, dtype=torch.float32, device=dev) if scaled else None,
         )
+
+    def _chunk(self, flat: Tensor) -> Tensor:
+        """This rank's chunk of a whole-bucket tensor."""
+        size = flat.numel() // self.ranks_per_node
+        return flat[self.topology.local_rank * size:(self.topology.local_rank + 1) * size]
+
+    def _chunk_views(self, chunk: Tensor | None, bucket: Bucket) -> list[Tensor | None]:
+        """Each parameter's part of a chunk buffer: shaped like it when the chunk is the whole bucket,
+        else the flat slice of it that falls in this rank's chunk (empty for a parameter outside it)."""
+        if chunk is None:
+            return [None] * len(bucket.slots)
+        if self.ranks_per_node == 1:
+            return slot_views(chunk, bucket)
+        lo = self.topology.local_rank * chunk.numel()
+        hi = lo + chunk.numel()
+        views = []
+        for slot in bucket.slots:
+            start, end = max(slot.offset, lo), min(slot.offset + slot.numel, hi)
+            views.append(chunk[start - lo:max(start, end) - lo])
+        return views
 
     def _layout_is_current(self) -> bool:
         return [p.data_ptr() for p in self._params_in_order()] == self._data_ptrs
@@ -214,6 +293,8 @@ class DistLion(torch.optim.Optimizer):
         previous = {index: {key: value.to(params[index].device).clone() for key, value in self.state[old].items()}
                     for index, old in enumerate(self._laid_out) if index < len(params) and old in self.state}
         self.state.clear()
+        groups = [g for g in (self.topology.vote_group, self.topology.node_group) if g is not None]
+        self._check_agreement(groups, self.world_size, self.ranks_per_node)
         self._build(previous)
         if self._pending_tensors is not None:
             self._load_tensors(self._pending_tensors)
@@ -236,38 +317,32 @@ class DistLion(torch.optim.Optimizer):
         step = self._step + 1
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
         found_inf = getattr(self, "found_inf", None)
-        # Pack every bucket and launch its exchange; bucket i's bytes travel while i+1 is packed.
-        for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
-            group = self.param_groups[bucket.group_index]
-            kernels = kernels_for(bucket.device)
-            grads, views = self._bucket_grads(index), self._grad_views[index]
-            beta1, beta2 = group["betas"]
-            if self._momentum_in_pack(buffers) and grad_scale is None:
-                # the new momentum goes into the gradient buffer; C kernels read p.grad in place
-                flag = kernels.pack_grads_and_momentum(grads, views, buffers.momentum, buffers.bits, buffers.grads,
-                                                       beta1=beta1, beta2=beta2, parity=step % 2)
-            else:
-                gather_into(grads, views)
+        if self.ranks_per_node > 1:
+            # Launch every bucket's reduce-scatter inside the node; each is packed as it arrives.
+            for index, buffers in enumerate(self._buffers):
+                gather_into(self._bucket_grads(index), self._gather_views[index])
                 if grad_scale is not None:
-                    buffers.grads.mul_(grad_scale.double().reciprocal().float())
-                if self._momentum_in_pack(buffers):
-                    flag = kernels.pack_signs_and_momentum(buffers.grads, buffers.momentum, buffers.bits,
-                                                           buffers.grads, beta1=beta1, beta2=beta2, parity=step % 2)
-                else:
-                    flag = kernels.pack_signs_and_check(buffers.grads, buffers.momentum, buffers.bits, beta1=beta1,
-                                                        parity=step % 2)
+                    buffers.node_grads.mul_(grad_scale.double().reciprocal().float())
+                self._node.reduce_start(index, buffers.node_grads, buffers.grads)
+        # Pack every bucket and launch its exchange; bucket i's bytes travel while i+1 is packed.
+        for index, bucket in enumerate(self.layout.buckets):
+            flag = self._pack(index, step, grad_scale)
             if found_inf is not None:
                 flag = flag | (found_inf.to(flag.device) > 0)
-            self._exchange.start(index, buffers.bits, flag.to(torch.uint8))
+            self._exchange.start(index, self._buffers[index].bits, flag.to(torch.uint8))
         # Vote on every bucket; the flags arrive with the signs, so the skip is decided here
         # while the voted bits of the two-phase exchange are still on their way.
-        vote = self._vote_fn(step)
+        vote = self.vote_rule.kernel(step)
         skip = None
         for index in range(len(self._buffers)):
             any_nonfinite = self._exchange.vote(index, vote)
             skip = any_nonfinite if skip is None else skip | any_nonfinite
+        if skip is not None:
+            skip = self._node.agree(skip)  # chunk j's voters know of chunk j; the node ORs the chunks
         self.comm_stats.steps += 1
-        self.comm_stats.allreduce_fp32_bytes += ring_allreduce_bytes(4 * self.layout.numel, self.world_size)  # fp32 gradients
+        fp32_grads = 4 * self.layout.numel
+        self.comm_stats.allreduce_fp32_bytes += ring_allreduce_bytes(fp32_grads, self.world_size)
+        self.comm_stats.allreduce_fp32_node_bytes += ring_allreduce_bytes(fp32_grads, self.world_size)
         # DeepSpeed's engine reads ``overflow`` to count skips and hold its LR scheduler.
         self.overflow = skip is not None and bool(skip)
         if self.overflow:
@@ -275,28 +350,47 @@ class DistLion(torch.optim.Optimizer):
                 self._exchange.finish(index)  # collect the votes in flight; nothing is applied
             self._record_skip(step)
             return loss
-        # Apply each bucket as its votes arrive, while the next bucket's are still travelling.
+        # Apply each bucket as its votes arrive, while the next bucket's are still travelling;
+        # then the node gathers the updated chunks.
         for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
             voted = self._exchange.finish(index)
             group = self.param_groups[bucket.group_index]
-            kernels = kernels_for(bucket.device)
             if self._momentum_in_pack(buffers):
                 self._swap_momentum(index)
             else:
-                kernels.update_momentum(buffers.grads, buffers.momentum, beta2=group["betas"][1])
-            if group["vote_ema_beta"] is not None:
-                kernels.apply_scaled(buffers.params, voted, buffers.vote_ema,
-                                     voters=1 if self.vote == "majority" else self.world_size,
-                                     beta=group["vote_ema_beta"], step=step, lr=group["lr"],
-                                     weight_decay=group["weight_decay"], master=buffers.master)
-            elif self.vote == "majority":
-                kernels.apply_majority(buffers.params, voted[0], lr=group["lr"],
-                                       weight_decay=group["weight_decay"], master=buffers.master)
-            else:
-                kernels.apply_average(buffers.params, voted, world_size=self.world_size, lr=group["lr"],
-                                      weight_decay=group["weight_decay"], master=buffers.master)
+                kernels_for(bucket.device).update_momentum(buffers.grads, buffers.momentum, beta2=group["betas"][1])
+            self.vote_rule.apply(self._chunk(buffers.params), voted, lr=group["lr"],
+                                 weight_decay=group["weight_decay"], master=buffers.master,
+                                 vote_ema=buffers.vote_ema, beta=group["vote_ema_beta"], step=step)
+            self._node.gather_start(index, buffers.params)
+        self._node.gather_finish()
         self._step = step
         return loss
+
+    def _pack(self, index: int, step: int, grad_scale: Tensor | None) -> Tensor:
+        """Pack the bucket's local signs into its bits; return its non-finite flag.
+
+        The new momentum goes into the gradient buffer when the dtypes allow (swapped in
+        once the step is agreed); the C kernels read p.grad in place when a node is one rank.
+        """
+        buffers, bucket = self._buffers[index], self.layout.buckets[index]
+        kernels = kernels_for(bucket.device)
+        beta1, beta2 = self.param_groups[bucket.group_index]["betas"]
+        if self.ranks_per_node > 1:
+            self._node.reduce_finish(index)  # buffers.grads now holds the node's mean gradient
+        elif self._momentum_in_pack(buffers) and grad_scale is None:
+            return kernels.pack_grads_and_momentum(self._bucket_grads(index), self._gather_views[index],
+                                                   buffers.momentum, buffers.bits, buffers.grads, beta1=beta1,
+                                                   beta2=beta2, parity=step % 2)
+        else:
+            gather_into(self._bucket_grads(index), self._gather_views[index])
+            if grad_scale is not None:
+                buffers.grads.mul_(grad_scale.double().reciprocal().float())
+        if self._momentum_in_pack(buffers):
+            return kernels.pack_signs_and_momentum(buffers.grads, buffers.momentum, buffers.bits, buffers.grads,
+                                                   beta1=beta1, beta2=beta2, parity=step % 2)
+        return kernels.pack_signs_and_check(buffers.grads, buffers.momentum, buffers.bits, beta1=beta1,
+                                            parity=step % 2)
 
     def _check_scaled_groups(self) -> None:
         """Raise before any exchange if a group turned vote_ema_beta on after its buffers were built."""
@@ -320,19 +414,10 @@ class DistLion(torch.optim.Optimizer):
         buffers = self._buffers[index]
         buffers.grads, buffers.momentum = buffers.momentum, buffers.grads
         self._grad_views[index], self._momentum_views[index] = self._momentum_views[index], self._grad_views[index]
+        if buffers.node_grads is None:
+            self._gather_views[index] = self._grad_views[index]  # gradients are gathered into the chunk itself
         for param, momentum in zip(self._bucket_params[index], self._momentum_views[index]):
             self.state[param]["exp_avg"] = momentum
-
-    def _vote_fn(self, step: int):
-        casting_rank = step % self.world_size
-
-        def vote(packed: Tensor, out: Tensor) -> None:
-            kernels = kernels_for(packed.device)
-            if self.vote == "majority":
-                kernels.majority_vote(packed, out[0], casting_rank=casting_rank)
-            else:
-                kernels.vote_counts(packed, out)
-        return vote
 
     def _bucket_grads(self, index: int) -> list[Tensor | None]:
         """Return the gradients of the bucket's parameters in layout order (None where missing)."""
@@ -359,6 +444,8 @@ class DistLion(torch.optim.Optimizer):
         Momentum differs on every rank, so save one file per rank, e.g. with torchrun::
 
             torch.save(opt.state_dict(), f"{ckpt}/distlion_rank{dist.get_rank()}.pt")
+
+        With ``ranks_per_node > 1`` it holds this rank's chunk of the state only.
         """
         # Indexed by parameter position in the layout, not by parameter object: a wrapper
         # may have moved or replaced the parameters since (no re-layout here, it would
@@ -376,6 +463,7 @@ class DistLion(torch.optim.Optimizer):
             "format": STATE_FORMAT,
             "rank": self.rank,
             "world_size": self.world_size,
+            "ranks_per_node": self.ranks_per_node,
             "layout": self.layout.signature(),
             "vote": self.vote,
             "step": self._step,
@@ -394,10 +482,13 @@ class DistLion(torch.optim.Optimizer):
         if meta is None:
             raise ValueError("This optimizer state was not saved by DistLion (no 'distlion' section). DistLion "
                              "keeps different momentum on every rank: load the state this rank saved.")
-        if meta["world_size"] != self.world_size:
-            raise ValueError(f"DistLion state was saved with world size {meta['world_size']}, but this run has "
-                             f"world size {self.world_size}. Momentum is per rank and cannot be re-split: resume "
-                             f"with {meta['world_size']} ranks, or start the optimizer fresh.")
+        saved_nodes = (meta["world_size"], meta.get("ranks_per_node", 1))
+        if saved_nodes != (self.world_size, self.ranks_per_node):
+            raise ValueError(f"DistLion state was saved with world size {saved_nodes[0]} and ranks_per_node "
+                             f"{saved_nodes[1]}, but this run has world size {self.world_size} and ranks_per_node "
+                             f"{self.ranks_per_node}. Momentum is per rank (per chunk of a node) and cannot be "
+                             f"re-split: resume with world size {saved_nodes[0]} and ranks_per_node={saved_nodes[1]}, "
+                             f"or start the optimizer fresh.")
         if meta["rank"] != self.rank:
             raise ValueError(f"DistLion state of rank {meta['rank']} was given to rank {self.rank}: "
                              f"load the file this rank saved.")
@@ -426,9 +517,7 @@ class DistLion(torch.optim.Optimizer):
         else:
             self._pending_tensors = state_dict["state"]
         self._step = int(meta["step"])
-        stats = meta.get("comm_stats", {})
-        for key in ("steps", "skipped_steps", "bytes_sent", "bytes_received", "allreduce_fp32_bytes"):
-            setattr(self.comm_stats, key, int(stats.get(key, 0)))
+        self.comm_stats.load(meta.get("comm_stats", {}))
 
     def _load_tensors(self, saved: dict) -> None:
         """Copy saved per-parameter tensors (momentum, master weights) into the buckets."""
@@ -466,25 +555,22 @@ def _resolve_group(process_group: Any) -> Any:
     return None
 
 
-def _optional_views(flat: Tensor | None, bucket: Bucket) -> list[Tensor | None]:
-    return slot_views(flat, bucket) if flat is not None else [None] * len(bucket.slots)
-
-
-def _check_layout_agrees(layout: BucketLayout, group: Any, rank: int) -> None:
-    """Raise on every rank if any rank laid out different parameters (instead of hanging later)."""
+def _check_layout_agrees(layout: BucketLayout, group: Any, ranks_per_node: int) -> None:
+    """Raise on every rank of ``group`` if any rank laid out other parameters or nodes (instead of hanging later)."""
     if group is None or dist.get_world_size(group) == 1:
         return
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
         else torch.device("cpu")
     digest = bytes.fromhex(layout.signature())
-    mine = torch.tensor([layout.num_params, layout.numel, len(layout.buckets), *digest], dtype=torch.int64,
-                        device=device)
+    mine = torch.tensor([ranks_per_node, layout.num_params, layout.numel, len(layout.buckets), *digest],
+                        dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     if all(torch.equal(other, mine) for other in everyone):
         return
-    lines = [f"rank {r}: {int(t[0])} parameters, {int(t[1]):,} elements, {int(t[2])} bucket(s), layout "
-             f"{bytes(t[3:].tolist()).hex()[:12]}" for r, t in enumerate(everyone)]
-    raise RuntimeError("DistLion: the parameter layout differs between ranks (this is rank "
-                       f"{rank}):\n  " + "\n  ".join(lines) + "\nBuild the same model on every rank and pass the "
-                       "same parameters, in the same order and param groups, to DistLion.")
+    lines = [f"rank {r}: ranks_per_node {int(t[0])}, {int(t[1])} parameters, {int(t[2]):,} elements, {int(t[3])} "
+             f"bucket(s), layout {bytes(t[4:].tolist()).hex()[:12]}" for r, t in enumerate(everyone)]
+    raise RuntimeError("DistLion: the parameter layout or ranks_per_node differs between ranks (this is rank "
+                       f"{dist.get_rank(group)} of this group):\n  " + "\n  ".join(lines) + "\nBuild the same "
+                       "model on every rank, pass the same parameters, in the same order and param groups, and the "
+                       "same ranks_per_node to DistLion.")

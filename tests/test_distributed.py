@@ -9,58 +9,7 @@ import torch.distributed as dist
 
 from distlion import DistLion
 from multiprocess import run_ranks
-
-LR, WD, BETAS = 0.01, 0.1, (0.9, 0.99)
-SHAPES = [(33, 7), (7,), (5, 3)]  # 259 coordinates: padding in every bucket
-
-
-def _params(seed: int = 0) -> list[torch.nn.Parameter]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in SHAPES]
-
-
-def _grads(rank: int, step: int, style: str) -> list[torch.Tensor]:
-    """Rank-dependent gradients; "ties" makes many exact ties and exact zeros."""
-    gen = torch.Generator().manual_seed(1000 * step + rank)
-    grads = [torch.randn(shape, generator=gen) for shape in SHAPES]
-    if style == "ties":
-        grads = [g.sign() for g in grads]
-        grads[1].zero_()  # a parameter nobody updates: c stays exactly 0 on every rank
-    return grads
-
-
-def simulate(world_size: int, steps: int, style: str, vote: str = "majority",
-             vote_ema_beta: float | None = None) -> list[list[torch.Tensor]]:
-    """Simulate N workers from DESIGN section 1, one list of parameters per step.
-
-    With ``vote_ema_beta`` the voted step is scaled by the squared, bias-corrected EMA of
-    the voted steps (DistLion's docstring).
-    """
-    x = torch.cat([p.detach().reshape(-1) for p in _params()])
-    d = x.numel()
-    m = [torch.zeros(d) for _ in range(world_size)]
-    ema = torch.zeros(d)
-    history = []
-    for step in range(1, steps + 1):
-        signs = []
-        for i in range(world_size):
-            g = torch.cat([t.reshape(-1) for t in _grads(i, step, style)])
-            c = (m[i] * BETAS[0]).add(g, alpha=1 - BETAS[0])
-            zero_sign = torch.where((torch.arange(d) + step) % 2 == 0, 1.0, -1.0)
-            signs.append(torch.where(c > 0, 1.0, torch.where(c < 0, -1.0, zero_sign)))
-            m[i] = (m[i] * BETAS[1]).add(g, alpha=1 - BETAS[1])
-        total = torch.stack(signs).sum(0)
-        if vote == "majority":
-            delta = torch.where(total == 0, signs[step % world_size], total.sign())
-        else:
-            delta = total / world_size
-        if vote_ema_beta is not None:
-            ema = (ema * vote_ema_beta).add(delta, alpha=1 - vote_ema_beta)
-            unbiased = ema * (1 / (1 - vote_ema_beta ** step))
-            delta = delta * unbiased * unbiased
-        x = (x * (1 - LR * WD)).add(delta, alpha=-LR)
-        history.append([t.view(shape).clone() for t, shape in zip(x.split([math.prod(s) for s in SHAPES]), SHAPES)])
-    return history
+from simulation import BETAS, LR, SHAPES, WD, _grads, _params, assert_equal_histories, simulate
 
 
 def _train(rank, world_size, steps, style, vote, exchange, vote_ema_beta=None):
@@ -81,12 +30,6 @@ def _train_each(rank, world_size, steps, combos):
     return {combo: _train(rank, world_size, steps, *combo) for combo in combos}
 
 
-def _assert_equal_histories(got, expected):
-    for step, (a, b) in enumerate(zip(got, expected), start=1):
-        for x, y in zip(a, b):
-            assert torch.equal(x, y), f"step {step}: max difference {(x - y).abs().max().item()}"
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_matches_simulation_and_ranks_stay_identical(world_size):
@@ -95,7 +38,7 @@ def test_matches_simulation_and_ranks_stay_identical(world_size):
     for style, vote, exchange in combos:
         expected = simulate(world_size, 6, style)
         for per_rank in results:  # every rank, every step
-            _assert_equal_histories(per_rank[style, vote, exchange][0], expected)
+            assert_equal_histories(per_rank[style, vote, exchange][0], expected)
 
 
 @pytest.mark.timeout(300)
@@ -105,7 +48,7 @@ def test_average_vote_matches_simulation(world_size):
     combos = [("ties", "average", exchange) for exchange in ("two_phase", "all_gather")]
     for per_rank in run_ranks(_train_each, world_size, 5, combos):
         for combo in combos:
-            _assert_equal_histories(per_rank[combo][0], expected)
+            assert_equal_histories(per_rank[combo][0], expected)
 
 
 @pytest.mark.timeout(300)
@@ -119,11 +62,11 @@ def test_scaled_step_matches_simulation(world_size):
         plain = simulate(world_size, 6, style, vote=vote)
         assert not torch.equal(expected[-1][0], plain[-1][0])  # the scaling changed the steps
         for per_rank in results:
-            _assert_equal_histories(per_rank[style, vote, exchange, beta][0], expected)
+            assert_equal_histories(per_rank[style, vote, exchange, beta][0], expected)
 
 
 def _expected_bytes_per_step(world_size, padded, exchange, planes):
-    """DESIGN section 2 per bucket, plus 8 flag bytes per message."""
+    """docs/design.md §2 per bucket, plus 8 flag bytes per message."""
     total = 0
     for numel in padded:
         nbytes = numel // 8
@@ -248,7 +191,7 @@ def test_state_dict_round_trip_and_wrong_world_size():
     saved = torch.load(io.BytesIO(results[1][2]), weights_only=False)
     assert saved["opt"]["distlion"]["rank"] == 1 and saved["opt"]["distlion"]["world_size"] == 2
     single = DistLion([torch.nn.Parameter(t) for t in saved["params"]])  # no process group: world size 1
-    with pytest.raises(ValueError, match="saved with world size 2, but this run has world size 1"):
+    with pytest.raises(ValueError, match="saved with world size 2 and ranks_per_node 1, but this run has world size 1 and"):
         single.load_state_dict(saved["opt"])
 
 
@@ -262,8 +205,9 @@ def test_layout_mismatch_is_a_clear_error_not_a_hang():
     with pytest.raises(RuntimeError) as error:
         run_ranks(_mismatched_layout, 2, timeout=60)
     message = str(error.value)
-    assert "parameter layout differs between ranks" in message
-    assert "rank 0: 2 parameters, 20 elements" in message and "rank 1: 3 parameters, 22 elements" in message
+    assert "parameter layout or ranks_per_node differs between ranks" in message
+    assert "rank 0: ranks_per_node 1, 2 parameters, 20 elements" in message
+    assert "rank 1: ranks_per_node 1, 3 parameters, 22 elements" in message
 
 
 def _rank_in_group(rank, world_size):

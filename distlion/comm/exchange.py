@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from distlion.comm.flat import all_gather_flat
 from distlion.comm.stats import CommStats
 
 # Bytes appended to each message for the non-finite flag: 8 keep int64 alignment.
@@ -50,12 +51,6 @@ class SignExchange(Protocol):
     def finish(self, bucket: int) -> Tensor:
         """Return ``bucket``'s voted planes [P, nbytes]; call once per ``vote``, also on a skipped step."""
         ...
-
-
-def _all_gather_flat(output: Tensor, input: Tensor, group, async_op: bool = False):
-    """Gather every rank's ``input`` into ``output`` (contiguous, rank-major), flat; the work handle if async."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-    return gather(output.view(-1), input.view(-1), group=group, async_op=async_op)
 
 
 def _transport_device(group, device: torch.device) -> torch.device:
@@ -102,8 +97,7 @@ class _Collective:
         self._pending.pop(bucket).wait()
 
     def _count(self, sent: int, received: int) -> None:
-        self.stats.bytes_sent += sent
-        self.stats.bytes_received += received
+        self.stats.count_inter_node(sent=sent, received=received)
 
 
 class TwoPhaseExchange(_Collective):
@@ -135,7 +129,7 @@ class TwoPhaseExchange(_Collective):
         self._wait(bucket)
         packed.copy_(recv[:, :chunk])
         vote(packed, self._chunk_vote[bucket])
-        self._pending[bucket] = _all_gather_flat(self._gathered[bucket], self._chunk_vote[bucket], self.group,
+        self._pending[bucket] = all_gather_flat(self._gathered[bucket], self._chunk_vote[bucket], self.group,
                                                  async_op=True)
         return recv[:, chunk].to(self.device).any()
 
@@ -170,7 +164,7 @@ class AllGatherExchange(_Collective):
         nbytes = self._packed[bucket].shape[1]
         send[:nbytes].copy_(local_bits)
         send[nbytes].copy_(nonfinite)
-        self._pending[bucket] = _all_gather_flat(self._gathered[bucket], send, self.group, async_op=True)
+        self._pending[bucket] = all_gather_flat(self._gathered[bucket], send, self.group, async_op=True)
 
     def vote(self, bucket, vote):
         n = self.world_size

@@ -1,0 +1,125 @@
+"""Inside a node: reduce-scatter the gradients, agree on a skip, all-gather the parameters.
+
+A node of G ranks votes as one worker (docs/design.md §6). For each bucket:
+
+- ``reduce_start`` launches the reduce-scatter of this rank's flat gradient without
+  waiting; ``reduce_finish`` waits and returns chunk j of the node's mean gradient
+  (rank j of the node owns chunk j);
+- ``agree`` ORs a skip flag over the node (one tiny collective per step), so every rank
+  of every node skips together;
+- ``gather_start`` launches the all-gather of the updated chunk j into the full
+  parameter buffer, in place; ``gather_finish`` waits for every bucket's.
+
+``LocalNode`` is G = 1: the chunk is the whole bucket and nothing moves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from distlion.comm.flat import all_gather_flat, reduce_scatter_flat
+from distlion.comm.stats import CommStats
+
+
+class NodeShards(Protocol):
+    ranks_per_node: int
+
+    def reduce_start(self, bucket: int, flat_grads: Tensor, chunk_out: Tensor) -> None:
+        """Launch the reduce-scatter of ``flat_grads`` into ``chunk_out``; leave both alone until finish."""
+        ...
+
+    def reduce_finish(self, bucket: int) -> Tensor:
+        """Wait for ``bucket``'s reduce-scatter and return the chunk: the mean over the node's ranks."""
+        ...
+
+    def agree(self, flag: Tensor) -> Tensor:
+        """Return ``flag`` (0-dim bool) OR-ed over the ranks of the node."""
+        ...
+
+    def gather_start(self, bucket: int, params: Tensor) -> None:
+        """Launch the all-gather of this rank's chunk of ``params`` into all of ``params``."""
+        ...
+
+    def gather_finish(self) -> None:
+        """Wait for every all-gather launched since the last call."""
+        ...
+
+
+class LocalNode:
+    """One rank per node: nothing to reduce or gather."""
+
+    ranks_per_node = 1
+
+    def reduce_start(self, bucket, flat_grads, chunk_out):
+        raise RuntimeError("a node of one rank has no gradient to reduce")
+
+    def reduce_finish(self, bucket):
+        raise RuntimeError("a node of one rank has no gradient to reduce")
+
+    def agree(self, flag):
+        return flag
+
+    def gather_start(self, bucket, params):
+        pass
+
+    def gather_finish(self):
+        pass
+
+
+class NodeCollectives:
+    """G > 1 ranks per node: rank j reduces and owns chunk j of every bucket."""
+
+    def __init__(self, group: Any, local_rank: int, stats: CommStats):
+        self.group = group
+        self.ranks_per_node = dist.get_world_size(group)
+        self.local_rank = local_rank
+        self.stats = stats
+        self._reducing: dict[int, tuple[Any, Tensor]] = {}
+        self._gathering: list[Any] = []
+        self._device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+            else torch.device("cpu")
+        self._flag = torch.zeros(1, dtype=torch.uint8, device=self._device)
+
+    def chunk(self, flat: Tensor) -> Tensor:
+        """Return this rank's chunk of a flat bucket tensor."""
+        size = flat.numel() // self.ranks_per_node
+        return flat[self.local_rank * size:(self.local_rank + 1) * size]
+
+    def reduce_start(self, bucket, flat_grads, chunk_out):
+        work = reduce_scatter_flat(chunk_out, flat_grads, self.group, async_op=True)
+        self._reducing[bucket] = (work, chunk_out)
+        moved = (self.ranks_per_node - 1) * chunk_out.numel() * chunk_out.element_size()
+        self.stats.count_intra_node(sent=moved, received=moved)
+
+    def reduce_finish(self, bucket):
+        work, chunk = self._reducing.pop(bucket)
+        work.wait()
+        return chunk.div_(self.ranks_per_node)  # the sum over the node's ranks -> their mean
+
+    def agree(self, flag):
+        self._flag.copy_(flag.reshape(1))
+        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.stats.count_intra_node(sent=self.ranks_per_node - 1, received=self.ranks_per_node - 1)
+        return self._flag[0].to(flag.device).bool()
+
+    def gather_start(self, bucket, params):
+        mine = self.chunk(params)
+        self._gathering.append(all_gather_flat(params, mine, self.group, async_op=True))
+        moved = (self.ranks_per_node - 1) * mine.numel() * mine.element_size()
+        self.stats.count_intra_node(sent=moved, received=moved)
+
+    def gather_finish(self):
+        for work in self._gathering:
+            work.wait()
+        self._gathering.clear()
+
+
+def make_node(topology, stats: CommStats) -> NodeShards:
+    """Build the node collectives of ``topology`` (a ``distlion.topology.NodeTopology``)."""
+    if topology.ranks_per_node == 1:
+        return LocalNode()
+    return NodeCollectives(topology.node_group, topology.local_rank, stats)
