@@ -11,21 +11,17 @@ with each of
 and prints bytes per step per rank, the ratio DDP fp32 / each, and the ideal values
 (DistLion two-phase 2(N-1)/N * d/8, all-gather (N-1) * d/8, DDP fp32 2(N-1)/N * 4d)::
 
-    python benchmarks/comm_volume.py                 # d = 24.2M, N = 2 4 8 (~3 min)
-    python benchmarks/comm_volume.py --size large    # d = 85.2M
-    python benchmarks/comm_volume.py --smoke         # tiny model, N = 2
+    python -m benchmarks.comm_volume                 # d = 24.2M, N = 2 4 8 (~3 min)
+    python -m benchmarks.comm_volume --size large    # d = 85.2M
+    python -m benchmarks.comm_volume --smoke         # tiny model, N = 2
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import harness  # noqa: E402
+from benchmarks import harness
 
 STEPS = 2
 CONFIGS = {  # name -> (kind, options)
@@ -78,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     d = harness.MODEL_SIZES[args.size].num_parameters
     rows = []
     for n in args.world_sizes:
-        measured = harness.launch_local(os.path.abspath(__file__), ["--size", args.size], n, timeout=600)
+        measured = harness.launch_local(__spec__.name, ["--size", args.size], n, timeout=600)
         for name, sent in measured["bytes_per_step"].items():
             rows.append({"world_size": n, "config": name, "bytes_per_step_per_rank": sent,
                          "ideal_bytes": ideal_bytes(name, d, n),

@@ -1,15 +1,15 @@
 """Convergence at equal steps: DistLion (majority, average) against global Lion and AdamW.
 
 The demo's task (byte-level GPT on the Python standard library's source, 4 local
-workers, ``launch/train.py`` defaults) for several seeds; each run is one torchrun job
-with the optimizer's own default hyper-parameters (Lion guidance: see train.py). The
+workers, ``launch.train`` defaults) for several seeds; each run is one torchrun job
+with the optimizer's own default hyper-parameters (Lion guidance: see launch/recipe.py). The
 seed sets the initial weights and the data order, identical across optimizers.
 Prints the final validation loss of every run, the mean and spread (sample standard
 deviation, min-max) per optimizer, and the gap to AdamW::
 
-    python benchmarks/convergence.py                       # 4 optimizers x 3 seeds
-    python benchmarks/convergence.py --seeds 0 1 --steps 200
-    python benchmarks/convergence.py --smoke               # tiny model, 1 seed, 1 worker
+    python -m benchmarks.convergence                       # 4 optimizers x 3 seeds
+    python -m benchmarks.convergence --seeds 0 1 --steps 200
+    python -m benchmarks.convergence --smoke               # tiny model, 1 seed, 1 worker
 """
 
 from __future__ import annotations
@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import harness
+from launch.recipe import SMOKE_ARGS, run_training
 
-import harness  # noqa: E402
-from launch.demo import SMOKE_ARGS, run_training  # noqa: E402
-
-VARIANTS = {  # name -> train.py arguments
+VARIANTS = {  # name -> launch.train arguments
     "distlion_majority": ["--optimizer", "distlion", "--vote", "majority"],
     "distlion_average": ["--optimizer", "distlion", "--vote", "average"],
     "lion_global": ["--optimizer", "lion"],
@@ -45,12 +42,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", choices=sorted(VARIANTS), nargs="+", default=list(VARIANTS))
     parser.add_argument("--workers", type=harness.positive_int, default=4)
-    parser.add_argument("--steps", type=harness.positive_int, default=None, help="default: train.py's")
+    parser.add_argument("--steps", type=harness.positive_int, default=None, help="default: launch.train's")
     harness.add_common_arguments(parser)
     args = parser.parse_args(argv)
     # Validation every 50 steps: the final loss is the result, the curve needs fewer points than the demo's.
     extra = SMOKE_ARGS if args.smoke else ["--eval_interval", "50"]
-    if args.smoke:  # one process per run: train.py's distributed paths have tests of their own
+    if args.smoke:  # one process per run: launch.train's distributed paths have tests of their own
         args.seeds, args.workers = args.seeds[:1], 1
     extra += ["--steps", str(args.steps)] if args.steps is not None else []
 

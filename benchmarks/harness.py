@@ -1,8 +1,8 @@
 """What the benchmarks share: model sizes, launching workers, timed steps, results files.
 
-Each benchmark script is both the orchestrator and, with ``--worker``, the worker. The
-orchestrator starts workers with torchrun on loopback (``launch_local``) or, for the
-constrained link, with ``ip netns exec`` (``benchmarks/netlink.py``); workers join the
+Each benchmark module is both the orchestrator and, with ``--worker``, the worker. The
+orchestrator starts workers with ``torchrun -m`` on loopback (``launch_local``) or, for the
+constrained link, with ``ip netns exec`` (``benchmarks.netlink``); workers join the
 process group from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and
 rank 0 writes its measurements as JSON to the path given with ``--result``.
 
@@ -36,19 +36,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from distlion import DistLion
+from distlion.worker_exit import exit_worker
+from launch.comm_hooks import HOOKS, AllReduceCounter, DeferredAllReduce, deferring_hook
+from launch.model import GPT, GPTConfig
+from launch.report import command_line, machine_info, today
 
-from distlion import DistLion  # noqa: E402
-from launch.comm_hooks import HOOKS, AllReduceCounter, DeferredAllReduce, deferring_hook  # noqa: E402
-from launch.model import GPT, GPTConfig  # noqa: E402
-from launch.report import machine_info, today  # noqa: E402
-from launch.worker_exit import exit_worker  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 # Other work on the machine slows every timing: the results record the load before and after.
 LOAD_AT_START = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-# Byte-level GPTs by parameter count; "small" is the 3.85M-parameter size of DESIGN section 5.
+# Byte-level GPTs by parameter count; "small" is the 3.85M-parameter size of docs/design.md §5.
 MODEL_SIZES = {
     "tiny": GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32),       # 0.03M, smoke runs
     "small": GPTConfig(n_layer=4, n_head=4, n_embd=280, block_size=128),    # 3.89M
@@ -66,13 +65,16 @@ def worker_env(rank: int, world_size: int, master_addr: str, master_port: int) -
             "OMP_NUM_THREADS": "1"}
 
 
-def launch_local(script: str, worker_args: list[str], world_size: int, timeout: float) -> dict:
-    """Run ``script --worker ARGS`` on ``world_size`` loopback processes with torchrun; return rank 0's JSON."""
+def launch_local(module: str, worker_args: list[str], world_size: int, timeout: float) -> dict:
+    """Run ``torchrun -m MODULE --worker ARGS`` on ``world_size`` loopback processes; return rank 0's JSON.
+
+    ``module`` is the benchmark's module name, e.g. ``"benchmarks.step_time"`` (``__spec__.name``).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
-                   script, "--worker", "--result", result, *worker_args]
-        subprocess.run(command, check=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                   "-m", module, "--worker", "--result", result, *worker_args]
+        subprocess.run(command, check=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
         with open(result) as f:
             return json.load(f)
 
@@ -84,7 +86,7 @@ def write_results(name: str, payload: dict, out_dir: str | None, smoke: bool) ->
     path = os.path.join(out_dir, f"{name}-smoke.json" if smoke else f"{name}-{today()}.json")
     record = {"benchmark": name, "date": today(), "smoke": smoke,
               "machine": {**machine_info(), "load_average_1m_at_start": LOAD_AT_START},
-              "command": " ".join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]), **payload}
+              "command": command_line(), **payload}
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print(f"results: {path}")

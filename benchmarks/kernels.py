@@ -1,7 +1,8 @@
 """Throughput of the DistLion kernels, each against a plain copy of the same data.
 
-Every kernel is timed on the same number of coordinates d, in the same run as its
-baseline, so the ratio says how far a kernel is from the speed of memory:
+Every op of ``distlion.kernels.contract`` (``apply`` in each of its modes) is timed on
+the same number of coordinates d, in the same run as its baseline, so the ratio says how
+far a kernel is from the speed of memory:
 
 - on CPU (default): ``cpu_native`` (C), ``torch_fast`` and ``reference`` against a
   ``dst.copy_(src)`` (``clone()`` shown too: it also pays for fresh pages);
@@ -17,10 +18,12 @@ the vote kernels read N packed rows of d/8 bytes, and that is the point of them.
 the momentum update), and "bw" sets that against the copy's read + write bandwidth:
 how close each kernel runs to the speed of memory.
 
-    python benchmarks/kernels.py                       # CPU, d = 2**24
-    python benchmarks/kernels.py --device cuda --json benchmarks/results/kernels_cuda.json
-    python benchmarks/kernels.py --smoke               # tiny sizes, one repeat (CI)
-    python benchmarks/kernels.py --threads 1           # steadier when other jobs share the CPU
+From the repository root::
+
+    python -m benchmarks.kernels                       # CPU, d = 2**24
+    python -m benchmarks.kernels --device cuda --json benchmarks/results/kernels_cuda.json
+    python -m benchmarks.kernels --smoke               # tiny sizes, one repeat (CI)
+    python -m benchmarks.kernels --threads 1           # steadier when other jobs share the CPU
 """
 
 from __future__ import annotations
@@ -31,16 +34,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from distlion.kernels import cpu_native, reference, torch_fast  # noqa: E402
+from distlion.kernels import backend, contract
 
 BETA1, BETA2, LR, WEIGHT_DECAY = 0.9, 0.99, 1e-4, 0.1
 
@@ -97,7 +97,7 @@ def timed(fn: Callable[[], object], repeat: int, device: str) -> tuple[float, fl
 
 
 def kernel_cases(kernels, numel: int, world_size: int, device: str) -> dict[str, tuple[Callable[[], object], float]]:
-    """Return the calls to time, by name, with inputs built once on ``device``.
+    """Return the calls to time, by name, with inputs built once on ``device``: every op of the contract.
 
     With each call comes the memory traffic it must cause, in bytes per coordinate
     (fp32 = 4, a packed bit = 1/8), so its bandwidth can be set against the copy's.
@@ -112,43 +112,48 @@ def kernel_cases(kernels, numel: int, world_size: int, device: str) -> dict[str,
     param_bf16 = param.to(torch.bfloat16)
     n_bytes = numel // 8
     packed = torch.randint(0, 256, (world_size, n_bytes), device=device, dtype=torch.uint8, generator=gen)
-    vote = torch.empty(n_bytes, device=device, dtype=torch.uint8)
+    vote = torch.empty(1, n_bytes, device=device, dtype=torch.uint8)
     planes = world_size.bit_length()
     counts = torch.empty(planes, n_bytes, device=device, dtype=torch.uint8)
     kernels.vote_counts(packed, counts)
+    grads, views = [grad[:numel // 2], grad[numel // 2:]], list(scratch.split(numel // 2))  # two parameters
     bit = 1 / 8
-    return {
-        "pack_signs": (lambda: kernels.pack_signs(grad, momentum, vote, beta1=BETA1, parity=0), 8 + bit),
-        "pack_signs_and_momentum": (lambda: kernels.pack_signs_and_momentum(
-            grad, momentum, vote, scratch, beta1=BETA1, beta2=BETA2, parity=0), 12 + bit),
-        "update_momentum": (lambda: kernels.update_momentum(grad, momentum, beta2=BETA2), 12),
-        "nonfinite": (lambda: kernels.nonfinite(grad), 4),
-        f"majority_vote (N={world_size})": (
-            lambda: kernels.majority_vote(packed, vote, casting_rank=0), (world_size + 1) * bit),
-        f"vote_counts (N={world_size})": (lambda: kernels.vote_counts(packed, counts), (world_size + planes) * bit),
-        "apply_majority fp32": (
-            lambda: kernels.apply_majority(param, vote, lr=LR, weight_decay=WEIGHT_DECAY), 8 + bit),
-        "apply_majority bf16+master": (lambda: kernels.apply_majority(
-            param_bf16, vote, lr=LR, weight_decay=WEIGHT_DECAY, master=master), 10 + bit),
-        f"apply_average fp32 (N={world_size})": (lambda: kernels.apply_average(
-            param, counts, world_size=world_size, lr=LR, weight_decay=WEIGHT_DECAY), 8 + planes * bit),
-        # the scaled step (vote_ema_beta) also reads and writes its fp32 EMA
-        "apply_scaled fp32 (majority)": (lambda: kernels.apply_scaled(
-            param, vote.view(1, -1), vote_ema, voters=1, beta=0.9, step=10, lr=LR, weight_decay=WEIGHT_DECAY),
-            16 + bit),
+    steps = dict(lr=LR, weight_decay=WEIGHT_DECAY)
+    by_op = {
+        "pack_grads_and_momentum": {"pack_grads_and_momentum (2 params)": (lambda: kernels.pack_grads_and_momentum(
+            grads, views, momentum, vote[0], scratch, beta1=BETA1, beta2=BETA2, parity=0), 12 + bit)},
+        "pack_signs_and_momentum": {"pack_signs_and_momentum": (lambda: kernels.pack_signs_and_momentum(
+            grad, momentum, vote[0], scratch, beta1=BETA1, beta2=BETA2, parity=0), 12 + bit)},
+        "pack_signs_and_check": {"pack_signs_and_check": (lambda: kernels.pack_signs_and_check(
+            grad, momentum, vote[0], beta1=BETA1, parity=0), 8 + bit)},
+        "update_momentum": {"update_momentum": (lambda: kernels.update_momentum(grad, momentum, beta2=BETA2), 12)},
+        "majority_vote": {f"majority_vote (N={world_size})": (
+            lambda: kernels.majority_vote(packed, vote[0], casting_rank=0), (world_size + 1) * bit)},
+        "vote_counts": {f"vote_counts (N={world_size})": (
+            lambda: kernels.vote_counts(packed, counts), (world_size + planes) * bit)},
+        "apply": {
+            "apply fp32 (majority)": (lambda: kernels.apply(param, vote, voters=1, **steps), 8 + bit),
+            "apply bf16+master (majority)": (
+                lambda: kernels.apply(param_bf16, vote, voters=1, master=master, **steps), 10 + bit),
+            f"apply fp32 (average, N={world_size})": (
+                lambda: kernels.apply(param, counts, voters=world_size, **steps), 8 + planes * bit),
+            # the scaled step (vote_ema_beta) also reads and writes its fp32 EMA
+            "apply fp32 (scaled, majority)": (lambda: kernels.apply(
+                param, vote, voters=1, vote_ema=vote_ema, beta=0.9, step=10, **steps), 16 + bit),
+        },
     }
+    if set(by_op) != set(contract.OPS):
+        raise RuntimeError(f"benchmark cases {sorted(by_op)} do not match the contract's ops {sorted(contract.OPS)}")
+    return {name: case for op in contract.OPS for name, case in by_op[op].items()}
 
 
 def bench_kernels(args: argparse.Namespace) -> list[dict]:
-    """Time the baseline copy and every kernel of every implementation for the device."""
+    """Time the baseline copy and every kernel of every backend for the device."""
     device, numel = args.device, args.numel
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    if device == "cuda":
-        from distlion.kernels import triton_kernels
-        impls = {"triton": triton_kernels, "torch_fast": torch_fast}
-    else:
-        impls = {"cpu_native": cpu_native, "torch_fast": torch_fast, "reference": reference}
+    names = ("triton_kernels", "torch_fast") if device == "cuda" else ("cpu_native", "torch_fast", "reference")
+    impls = {name: backend(name) for name in names}
     fp32_bytes = 4 * numel
     base_seconds, base_median = timed(lambda: dst.copy_(src), args.repeat, device)
     copy_traffic = 8 * numel / base_seconds  # bytes read + written per second
@@ -178,7 +183,7 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
 
 def print_row(row: dict) -> None:
     """Print one line of the kernel table as soon as it is measured."""
-    print(f"{row['kernel']:<34} {row['impl']:<11} {row['seconds'] * 1e3:>10.3f} {row['gbps']:>9.2f} "
+    print(f"{row['kernel']:<34} {row['impl']:<14} {row['seconds'] * 1e3:>10.3f} {row['gbps']:>9.2f} "
           f"{row['ratio_vs_copy']:>8.2f} {row['traffic_gbps']:>10.1f} {100 * row['bandwidth_vs_copy']:>7.0f}%",
           flush=True)
 
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# d = {args.numel:,} coordinates, N = {args.world_size}, best of {args.repeat}; "
           f"GB/s = 4 bytes x d / time; x copy = copy time / kernel time (> 1: faster than the copy)")
     print("# traffic = bytes the kernel must read + write / time; bw = traffic / the copy's (read + write)")
-    print(f"{'kernel':<34} {'impl':<11} {'ms':>10} {'GB/s':>9} {'x copy':>8} {'traffic':>10} {'bw':>8}")
+    print(f"{'kernel':<34} {'impl':<14} {'ms':>10} {'GB/s':>9} {'x copy':>8} {'traffic':>10} {'bw':>8}")
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "kernels": bench_kernels(args)}

@@ -2,7 +2,7 @@
 
 Each variant trains the demo's byte-level GPT in one process (global batch 32 sequences,
 the demo's 4 workers x 8, so no vote is involved: DistLion with one rank is plain Lion)
-with ``launch/train.py``'s schedule, hyper-parameters and validation windows, and changes
+with ``launch.train``'s schedule, hyper-parameters and validation windows (``launch.recipe``), and changes
 one thing: the lr multiple of one kind of parameter, a separate output layer instead of
 the one tied to the token embedding, AdamW instead of Lion for one kind of parameter
 (a hybrid: which parameters Lion handles worse), or the model's width. Parameter kinds:
@@ -16,9 +16,9 @@ vote is the local sign).
 Prints the final validation loss of every variant and its gap to AdamW of the same
 model; writes JSON with every curve::
 
-    python benchmarks/lion_gap.py                         # every variant, seed 0, 2 at a time
-    python benchmarks/lion_gap.py --variants adamw lion_emb10 --seeds 0 1 2
-    python benchmarks/lion_gap.py --smoke
+    python -m benchmarks.lion_gap                         # every variant, seed 0, 2 at a time
+    python -m benchmarks.lion_gap --variants adamw lion_emb10 --seeds 0 1 2
+    python -m benchmarks.lion_gap --smoke
 """
 
 from __future__ import annotations
@@ -27,25 +27,22 @@ import argparse
 import concurrent.futures
 import multiprocessing
 import os
-import sys
 import threading
 import time
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import harness  # noqa: E402
-import torch  # noqa: E402
-
-from distlion import DistLion  # noqa: E402
-from distlion.kernels.reference import bias_correction  # noqa: E402
-from launch.data import load_corpus, train_batch  # noqa: E402
-from launch.model import GPT, GPTConfig  # noqa: E402
-from launch.train import DEFAULT_HYPERPARAMETERS, Session, evaluate, lr_at  # noqa: E402
+from benchmarks import harness
+from distlion import DistLion
+from distlion.kernels.arithmetic import bias_correction
+from launch.data import load_corpus, train_batch
+from launch.model import GPT, GPTConfig
+from launch.recipe import DEFAULT_HYPERPARAMETERS, Session, evaluate, lr_at
 
 KINDS = ("emb", "head", "qkv", "proj", "fc", "out", "vec")
-# What every variant starts from: train.py's AdamW, and Lion as the study began (one lr, unscaled steps),
-# so that a change of train.py's DistLion defaults leaves the variants' meaning as it is.
+# What every variant starts from: launch.train's AdamW, and Lion as the study began (one lr, unscaled steps),
+# so that a change of launch.train's DistLion defaults leaves the variants' meaning as it is.
 SETTINGS = {"adamw": {k: DEFAULT_HYPERPARAMETERS["adamw"][k] for k in ("lr", "weight_decay", "betas")},
             "lion": {"lr": 1e-3, "weight_decay": 0.3, "betas": (0.9, 0.999)}}
 DEMO_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128}
@@ -129,7 +126,7 @@ def train_variant(name: str, spec: dict, seed: int, steps: int, batch_size: int,
     model = GPT(config)
     optimizers = build_optimizers(model, spec)
     corpus = load_corpus(None)
-    # train.py's schedule (warm-up 10% of the steps, cosine to 10%) as a factor of each group's base lr
+    # launch.train's schedule (warm-up 10% of the steps, cosine to 10%) as a factor of each group's base lr
     schedule = SimpleNamespace(lr=1.0, steps=steps, warmup_steps=max(1, steps // 10), min_lr_ratio=0.1)
     scoring = SimpleNamespace(eval_sequences=eval_sequences, batch_size=batch_size, block_size=config.block_size)
     curve, start = [], time.perf_counter()

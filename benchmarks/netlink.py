@@ -5,7 +5,7 @@ veth pair; four by veth pairs to a bridge (in a namespace of its own too), like 
 on a switch. Every link is limited in both directions with ``tc qdisc ... tbf rate R``
 (1gbit and 10gbit by default). The workers run the same training steps with DistLion
 (Lion's step, and the scaled step ``vote_ema_beta=0.9``) and with AdamW + DDP (see
-``step_time.py`` and ``harness.py``) and report
+``benchmarks.step_time`` and ``benchmarks.harness``) and report
 
 - bytes on the wire: each worker's interface counters (tx and rx bytes, headers and
   acknowledgements included) around the timed steps;
@@ -17,9 +17,9 @@ status 0. It touches only the namespaces it creates (named ``dl-bench-PID-...``;
 interface is created in the caller's namespace) and deletes them when it ends, also on
 errors and Ctrl-C::
 
-    sudo python benchmarks/netlink.py                        # 24.2M params, N = 2 and 4 (~5 min)
-    sudo python benchmarks/netlink.py --world_sizes 2 --rates 1gbit
-    sudo python benchmarks/netlink.py --smoke                # tiny model, N = 2, one rate
+    sudo python -m benchmarks.netlink                        # 24.2M params, N = 2 and 4 (~5 min)
+    sudo python -m benchmarks.netlink --world_sizes 2 --rates 1gbit
+    sudo python -m benchmarks.netlink --smoke                # tiny model, N = 2, one rate
 """
 
 from __future__ import annotations
@@ -34,11 +34,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch.distributed as dist
 
-import harness  # noqa: E402
-import step_time  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from benchmarks import harness, step_time
 
 SUBNET = "10.123.0"
 MASTER_PORT = 29500  # free: nothing else listens inside the new namespaces
@@ -186,9 +184,9 @@ def run_on_link(args: argparse.Namespace, world_size: int, rate: str, worker_arg
             for rank, ns in enumerate(topology.workers):
                 env = {**harness.worker_env(rank, world_size, topology.address(0), MASTER_PORT),
                        "GLOO_SOCKET_IFNAME": topology.iface}
-                command = ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "--worker",
+                command = ["ip", "netns", "exec", ns, sys.executable, "-m", __spec__.name, "--worker",
                            "--result", result, "--iface", topology.iface, *worker_args]
-                procs.append(subprocess.Popen(command, env=env))
+                procs.append(subprocess.Popen(command, env=env, cwd=harness.REPO))
             deadline = time.monotonic() + args.timeout
             for proc in procs:
                 code = proc.wait(timeout=max(deadline - time.monotonic(), 1))

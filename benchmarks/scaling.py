@@ -25,8 +25,8 @@ alpha (per-message latency) is an assumption, ``--alpha_us`` (default 10 us, int
 RDMA plus software); veth links on one machine say nothing about a cluster's latency.
 Only communication is projected: the optimizer's local arithmetic is not::
 
-    python benchmarks/scaling.py
-    python benchmarks/scaling.py --alpha_us 5 --gbits 100 400
+    python -m benchmarks.scaling
+    python -m benchmarks.scaling --alpha_us 5 --gbits 100 400
 """
 
 from __future__ import annotations
@@ -35,11 +35,8 @@ import argparse
 import glob
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import harness  # noqa: E402
+from benchmarks import harness
 
 SCHEMES = ("allreduce_fp32", "allreduce_bf16", "distlion_two_phase", "distlion_all_gather")
 # Measured configuration (comm_volume.py) behind each scheme's bytes factor.

@@ -1,6 +1,6 @@
 """Where the optimizer-plus-communication phase spends its time, inside the real step.
 
-Runs the phase of ``step_time.py`` (DistLion's ``optimizer.step()``; AdamW + DDP's
+Runs the phase of ``benchmarks.step_time`` (DistLion's ``optimizer.step()``; AdamW + DDP's
 deferred all-reduce then ``AdamW.step()``) on N loopback gloo ranks, with a timer
 around every kernel of ``distlion.kernels.kernels_for("cpu")`` and every
 torch.distributed collective, so each stage is timed where it runs, with the caches and
@@ -8,11 +8,12 @@ the waits of a real step (a collective's time includes waiting for the slowest r
 for one launched without waiting, its launch plus its ``wait``).
 ``rest`` is what no timer covered: Python, copies into and out of the exchange buffers,
 gathering gradients into the buckets (where the C kernels do not read them in place),
-and for AdamW its whole update::
+and for AdamW its whole update. The kernels timed are the ops of
+``distlion.kernels.contract``. From the repository root::
 
-    python benchmarks/step_breakdown.py                  # 3.89M params, 4 ranks
-    python benchmarks/step_breakdown.py --size medium    # 24.2M params
-    python benchmarks/step_breakdown.py --smoke
+    python -m benchmarks.step_breakdown                  # 3.89M params, 4 ranks
+    python -m benchmarks.step_breakdown --size medium    # 24.2M params
+    python -m benchmarks.step_breakdown --smoke
 """
 
 from __future__ import annotations
@@ -20,21 +21,15 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.distributed as dist
 
-import harness  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from benchmarks import harness
+from distlion.kernels import contract, kernels_for
 
-from distlion.kernels import kernels_for  # noqa: E402
-
-KERNELS = ("nonfinite", "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "pack_grads_and_momentum",
-           "majority_vote", "vote_counts", "update_momentum", "apply_majority", "apply_average")
 COLLECTIVES = ("all_to_all_single", "all_gather_single", "all_gather_into_tensor", "all_reduce")
 
 
@@ -55,7 +50,7 @@ class _TimedWork:
 @contextlib.contextmanager
 def stage_timers(totals: dict[str, float]):
     """Add each wrapped function's time to ``totals[name]`` while the context is open."""
-    targets = [(kernels_for(torch.device("cpu")), KERNELS), (dist, COLLECTIVES)]
+    targets = [(kernels_for(torch.device("cpu")), contract.OPS), (dist, COLLECTIVES)]
     originals = []
     for module, names in targets:
         for name in names:
@@ -126,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--world_size {args.world_size}: use at least 2 ranks")
     worker_args = ["--size", args.size, "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
                    "--steps", str(args.steps)]
-    measured = harness.launch_local(os.path.abspath(__file__), worker_args, args.world_size, timeout=600)
+    measured = harness.launch_local(__spec__.name, worker_args, args.world_size, timeout=600)
     ranks = measured["per_rank"]
     # The mean over ranks of each rank's median: every rank runs every stage.
     stages = {name: {stage: statistics.mean(r[name].get(stage, 0.0) for r in ranks) for stage in ranks[0][name]}

@@ -8,27 +8,23 @@ update). A GPT of 3.89M parameters by default (``--size medium``: 24.2M). Per st
   (pack, exchange, vote, apply), with Lion's step and with the scaled step
   (``vote_ema_beta=0.9``, ``distlion_scaled``: the apply also updates an fp32 EMA).
   AdamW: DDP's bucket all-reduces run after backward, then ``AdamW.step()`` (see
-  ``harness.py``).
+  ``benchmarks/harness.py``).
 - step: the whole step, forward + backward + phase; AdamW's is DDP as users run it,
   all-reduce overlapped with backward.
 
 Medians over interleaved rounds; the ratios are AdamW / DistLion (above 1: DistLion
-faster). DESIGN section 5 target: phase no slower than AdamW + DDP, aim 1.5x faster::
+faster). docs/design.md §5 target: phase no slower than AdamW + DDP, aim 1.5x faster::
 
-    python benchmarks/step_time.py                  # 3.89M params, 4 ranks (~2 min)
-    python benchmarks/step_time.py --size medium    # 24.2M params
-    python benchmarks/step_time.py --smoke
+    python -m benchmarks.step_time                  # 3.89M params, 4 ranks (~2 min)
+    python -m benchmarks.step_time --size medium    # 24.2M params
+    python -m benchmarks.step_time --smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import harness  # noqa: E402
+from benchmarks import harness
 
 TRAINERS = ("distlion", "distlion_scaled", "adamw_ddp", "adamw_ddp_phase")
 
@@ -89,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         return worker(args)
     if args.world_size < 2:
         parser.error(f"--world_size {args.world_size}: use at least 2 ranks")
-    measured = harness.launch_local(os.path.abspath(__file__), worker_args, args.world_size, timeout=900)
+    measured = harness.launch_local(__spec__.name, worker_args, args.world_size, timeout=900)
     config = harness.MODEL_SIZES[args.size]
     title = (f"{args.world_size} ranks, gloo loopback, GPT of {config.num_parameters:,} parameters, batch "
              f"{args.batch_size}x{args.seq_len} per rank (medians)")

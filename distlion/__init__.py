@@ -2,6 +2,7 @@
 
 from distlion.comm import CommStats
 from distlion.optim import DistLion
+from distlion.wrappers import unwrap
 
-__all__ = ["CommStats", "DistLion"]
+__all__ = ["CommStats", "DistLion", "unwrap"]
 __version__ = "0.1.0"

@@ -17,11 +17,12 @@ the objects (with any other optimizer it is ``accelerator.prepare`` and nothing 
 - DDP's gradient all-reduce is stopped on every prepared model that holds DistLion's
   parameters (a comm hook that hands DDP back the local gradients): each rank keeps its
   own gradients and DistLion exchanges 1 bit per parameter instead.
-- ``accelerator.save_state(dir)`` also writes ``distlion_optimizer_rank{r}.bin`` from
-  every rank (Accelerate writes ``optimizer.bin`` from the main process only, and momentum
-  differs on every rank), and ``accelerator.load_state(dir)`` gives each rank back its
-  own file. A directory saved without DistLion, or by another number of processes,
-  fails on every rank with an error that says what was found and what was expected.
+- ``accelerator.save_state(dir)`` also writes ``distlion_optimizer{i}_rank{r}_of_{N}.pt``
+  (``distlion.checkpoint``) from every rank (Accelerate writes ``optimizer.bin`` from the
+  main process only, and momentum differs on every rank), and ``accelerator.load_state(dir)``
+  gives each rank back its own file. A directory saved without DistLion, or by another
+  number of processes, fails on every rank with an error that says what was found and
+  what was expected.
 - ``save_state`` and ``save_model`` write every weight: parameters are views of DistLion's
   flat buckets, which Accelerate's safetensors writer would take for tied weights and drop,
   so ``accelerator.get_state_dict`` returns CPU copies of them.
@@ -35,39 +36,25 @@ figures with ``accelerator.log(distlion.accelerate.comm_metrics(optimizer), step
 """
 
 import logging
-import os
-import re
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from distlion import checkpoint
 from distlion.optim import DistLion
+from distlion.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE_PATTERN = re.compile(r"^distlion_optimizer(?:_(\d+))?_rank(\d+)\.bin$")
 _UNSUPPORTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
-
-
-def state_file_name(optimizer_index: int, rank: int) -> str:
-    """Return the file one rank's DistLion state is saved in (``optimizer.bin`` naming)."""
-    suffix = f"_{optimizer_index}" if optimizer_index > 0 else ""
-    return f"distlion_optimizer{suffix}_rank{rank}.bin"
-
-
-# No ``from __future__ import annotations`` here: DDP checks this hook's annotations at runtime.
-def local_gradients_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Hand DDP back this rank's gradients unchanged, so no all-reduce happens.
-
-    Register it with ``ddp_model.register_comm_hook(None, local_gradients_hook)``.
-    """
-    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    future.set_result(bucket.buffer())
-    return future
+# What load_state's errors tell the user to do (distlion.checkpoint.load_state fills in the saved world size).
+_FIX = "relaunch with --num_processes {world_size}"
+_MISSING = ("The directory was saved without distlion: resume from a directory saved by accelerator.save_state "
+            "after distlion.accelerate.prepare, or load only the model weights and start DistLion fresh.")
 
 
 def comm_metrics(optimizer: Any, prefix: str = "distlion/") -> dict[str, float]:
@@ -77,7 +64,7 @@ def comm_metrics(optimizer: Any, prefix: str = "distlion/") -> dict[str, float]:
 
         accelerator.log(distlion.accelerate.comm_metrics(optimizer), step=step)
     """
-    inner = _unwrap_distlion(optimizer)
+    inner = unwrap(optimizer)
     if inner is None:
         raise TypeError(f"comm_metrics needs a DistLion optimizer (or Accelerate's wrapper of one); "
                         f"got {type(optimizer).__name__}")
@@ -93,12 +80,12 @@ def prepare(accelerator: Any, *objects: Any, device_placement: list[bool] | None
 
         model, optimizer, loader = distlion.accelerate.prepare(accelerator, model, optimizer, loader)
     """
-    new_distlions = [obj for obj in objects if _unwrap_distlion(obj) is not None]
+    new_distlions = [obj for obj in objects if unwrap(obj) is not None]
     adapter = _ADAPTERS.get(accelerator)
     if not new_distlions and adapter is None:
         return accelerator.prepare(*objects, device_placement=device_placement)
     for obj in new_distlions:
-        _check_supported(accelerator, _unwrap_distlion(obj))
+        _check_supported(accelerator, unwrap(obj))
     prepared = accelerator.prepare(*objects, device_placement=device_placement)
     results = prepared if len(objects) > 1 else (prepared,)
     if adapter is None:
@@ -142,7 +129,7 @@ class _Adapter:
         for obj in results:
             if isinstance(obj, torch.nn.Module):
                 self.models.add(obj)
-            optimizer = _unwrap_distlion(obj)
+            optimizer = unwrap(obj)
             if optimizer is not None and obj is not optimizer:
                 self.entries.append(_Entry(obj, optimizer))
                 self._wrap_step(self.entries[-1])
@@ -162,7 +149,7 @@ class _Adapter:
 
     def _stop_allreduce(self, model: DistributedDataParallel, owned: set[int]) -> None:
         try:
-            model.register_comm_hook(None, local_gradients_hook)
+            model.register_comm_hook(None, noop_hook)  # hands DDP back the local gradients
         except RuntimeError as error:  # DDP allows one comm hook per model
             raise RuntimeError("DistLion cannot stop DDP's gradient all-reduce: this model already has a comm hook "
                                f"({error}). Remove comm_hook from DistributedDataParallelKwargs; DistLion replaces "
@@ -228,69 +215,26 @@ class _Adapter:
 
     def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
         """Write this rank's DistLion state next to Accelerate's files (the hook runs on every rank)."""
-        rank = self.accelerator.process_index
         for index, entry in enumerate(self.entries):
-            torch.save(entry.optimizer.state_dict(), os.path.join(output_dir, state_file_name(index, rank)))
+            checkpoint.save_state(entry.optimizer.state_dict(), output_dir, entry.optimizer, index)
 
     def _load_hook(self, models: list, input_dir: str) -> None:
         """Load this rank's own DistLion state; fail on every rank if any rank cannot."""
-        error: Exception | None = None
-        try:
+        def load() -> None:
             for index, entry in enumerate(self.entries):
-                entry.optimizer.load_state_dict(self._read_state(input_dir, index))
+                entry.optimizer.load_state_dict(
+                    checkpoint.load_state(input_dir, entry.optimizer, index, fix=_FIX, missing=_MISSING))
                 entry.loaded_by_hook = True
-        except Exception as caught:  # any failure must reach the other ranks before anyone raises
-            error = caught
-        failed = self.accelerator.gather(torch.tensor([int(error is not None)], device=self.accelerator.device))
-        failed_ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
-        if not failed_ranks:
-            return
-        for entry in self.entries:
-            entry.loaded_by_hook = False
-        if error is not None:
-            raise error
-        raise RuntimeError(f"DistLion: rank(s) {failed_ranks} could not load their optimizer state from "
-                           f"{input_dir} (see their error); this rank stops too instead of waiting for them.")
 
-    def _read_state(self, input_dir: str, index: int) -> dict:
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        path = os.path.join(input_dir, state_file_name(index, rank))
-        saved_ranks = sorted(int(m.group(2)) for m in map(STATE_FILE_PATTERN.match, os.listdir(input_dir))
-                             if m and int(m.group(1) or 0) == index)
-        if not os.path.exists(path):
-            if not saved_ranks:
-                raise ValueError(
-                    f"{input_dir} holds no DistLion optimizer state: expected {state_file_name(index, rank)} (one "
-                    f"file per rank, written by accelerator.save_state after distlion.accelerate.prepare), found "
-                    f"{sorted(os.listdir(input_dir))}. The directory was saved without distlion; resume from a "
-                    f"directory saved with it, or load only the model weights and start DistLion fresh.")
-            raise ValueError(
-                f"{input_dir} holds DistLion optimizer state of {len(saved_ranks)} rank(s) (ranks {saved_ranks}), "
-                f"but this run has {world} processes and rank {rank} has no {state_file_name(index, rank)}. "
-                f"Momentum is per rank and cannot be re-split: relaunch with --num_processes {len(saved_ranks)}.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved_world = state.get("distlion", {}).get("world_size")
-        expected_world = self.entries[index].optimizer.world_size
-        if saved_world is not None and saved_world != expected_world:
-            raise ValueError(
-                f"{path} was saved by a run of world size {saved_world}, but this run has world size "
-                f"{expected_world} ({world} processes). Momentum is per rank and cannot be re-split: "
-                f"relaunch with --num_processes {saved_world}.")
-        return state
+        try:
+            checkpoint.fail_together(load, source=input_dir)
+        except Exception:
+            for entry in self.entries:
+                entry.loaded_by_hook = False
+            raise
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary[Any, _Adapter]" = weakref.WeakKeyDictionary()
-
-
-def _unwrap_distlion(obj: Any) -> DistLion | None:
-    """Return the DistLion inside Accelerate's optimizer wrappers, or None."""
-    for _ in range(4):  # AcceleratedOptimizer nests at most a couple of levels
-        if isinstance(obj, DistLion):
-            return obj
-        if not isinstance(obj, torch.optim.Optimizer):
-            return None
-        obj = getattr(obj, "optimizer", None)
-    return None
 
 
 def _check_supported(accelerator: Any, optimizer: DistLion) -> None:

@@ -23,9 +23,10 @@ instance passed as ``optimizer=``), ``initialize`` also:
   rank skips an overflow step together and the loss scales stay equal. In fp32, DistLion
   agrees on skips inside its own exchange (``comm_stats.skipped_steps``);
 - wraps ``engine.save_checkpoint`` / ``engine.load_checkpoint`` so that every rank saves
-  and restores its own optimizer state (``<dir>/<tag>/distlion_rank{r}_of_{N}.pt``): at
-  ZeRO stage 0 DeepSpeed writes rank 0's optimizer state only, and DistLion's momentum
-  differs on every rank.
+  and restores its own optimizer state (``<dir>/<tag>/distlion_optimizer0_rank{r}_of_{N}.pt``,
+  ``distlion.checkpoint``): at ZeRO stage 0 DeepSpeed writes rank 0's optimizer state only,
+  and DistLion's momentum differs on every rank. A missing or mismatched file fails on
+  every rank together.
 
 ZeRO stage >= 1 is refused: it partitions the optimizer and reduce-scatters full-precision
 gradients, the traffic DistLion exists to remove. Configs with any other optimizer go to
@@ -35,11 +36,9 @@ gradients, the traffic DistLion exists to remove. Configs with any other optimiz
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import logging
 import os
-import re
 from contextlib import contextmanager
 from typing import Any
 
@@ -51,7 +50,9 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError('distlion.deepspeed needs DeepSpeed: pip install "distlion[deepspeed]"') from error
 
+from distlion import checkpoint
 from distlion.optim import DistLion
+from distlion.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,12 @@ OPTIMIZER_TYPE = "DistLion"
 # What a "DistLion" entry's params may set: DistLion's keyword arguments that JSON can hold.
 CONFIG_PARAMS = ("lr", "betas", "weight_decay", "vote", "exchange", "bucket_cap_mb", "master_weights",
                  "momentum_dtype", "vote_ema_beta")
-STATE_FILE = "distlion_rank{rank}_of_{world_size}.pt"
-_STATE_FILE_PATTERN = re.compile(r"distlion_rank(\d+)_of_(\d+)\.pt$")
+# What load_checkpoint's errors tell the user to do (distlion.checkpoint.load_state fills in the saved world size).
+_FIX = ("resume with {world_size} ranks, or call load_checkpoint(..., load_optimizer_states=False) to keep the "
+        "weights and start the optimizer fresh")
+_MISSING = ("Save checkpoints from an engine built by distlion.deepspeed.initialize (plain DeepSpeed keeps rank 0's "
+            "state only), or call load_checkpoint(..., load_optimizer_states=False) to keep the weights and start "
+            "the optimizer fresh.")
 
 
 def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
@@ -158,11 +163,11 @@ def distlion_kwargs(params: dict) -> dict:
 
 
 def get_distlion(engine) -> DistLion:
-    """Return the DistLion inside a DeepSpeed engine, under any fp16/bf16 wrapper (for ``comm_stats``)."""
-    optimizer = getattr(engine, "basic_optimizer", None)
-    if not isinstance(optimizer, DistLion):
-        raise ValueError(f"This DeepSpeed engine's optimizer is {type(optimizer).__name__}, not DistLion; build "
-                         "the engine with distlion.deepspeed.initialize and a \"DistLion\" config entry")
+    """Return ``distlion.unwrap(engine)``: the DistLion under any fp16/bf16 wrapper; raise if there is none."""
+    optimizer = unwrap(engine)
+    if optimizer is None:
+        raise ValueError(f"This DeepSpeed engine's optimizer is {type(engine.optimizer).__name__}, not DistLion; "
+                         "build the engine with distlion.deepspeed.initialize and a \"DistLion\" config entry")
     return optimizer
 
 
@@ -243,18 +248,12 @@ class _PerRankCheckpoints:
         self._save = engine.save_checkpoint  # DeepSpeed's own, bound to the engine
         self._load = engine.load_checkpoint
 
-    def _path(self, directory: str, tag: str) -> str:
-        name = STATE_FILE.format(rank=self.optimizer.rank, world_size=self.optimizer.world_size)
-        return os.path.join(directory, tag, name)
-
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
         """Save a DeepSpeed checkpoint plus this rank's optimizer state; call on every rank."""
         tag = f"global_step{self.engine.global_steps}" if tag is None else str(tag)
-        path = self._path(save_dir, tag)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         # Written before DeepSpeed's save, whose first barrier then guarantees every rank's
         # file exists before rank 0 writes the "latest" tag.
-        torch.save(self.engine.optimizer.state_dict(), path)
+        checkpoint.save_state(self.engine.optimizer.state_dict(), os.path.join(save_dir, tag), self.optimizer)
         return self._save(save_dir, tag=tag, client_state={} if client_state is None else client_state,
                           save_latest=save_latest, **kwargs)
 
@@ -277,8 +276,10 @@ class _PerRankCheckpoints:
                 return self._load(load_dir, tag=None, load_module_strict=load_module_strict,
                                   load_lr_scheduler_states=load_lr_scheduler_states, **kwargs)
         # Read (and check) this rank's state before touching the model, so a bad checkpoint
-        # fails on every rank the same way instead of half-loading.
-        state = self._read_state(load_dir, str(tag))
+        # fails on every rank together instead of half-loading.
+        directory = os.path.join(load_dir, str(tag))
+        state = checkpoint.fail_together(
+            lambda: checkpoint.load_state(directory, self.optimizer, fix=_FIX, missing=_MISSING), source=directory)
         # DeepSpeed would give every rank rank 0's optimizer state: load the weights and
         # everything else through it, and this rank's own optimizer state here.
         load_path, client_state = self._load(load_dir, tag=tag, load_module_strict=load_module_strict,
@@ -287,27 +288,10 @@ class _PerRankCheckpoints:
                                              load_module_only=False, **kwargs)
         if load_path is None:
             return load_path, client_state
-        self.engine.optimizer.load_state_dict(state)
+        # DistLion's own checks (layout, vote) can still fail here, after DeepSpeed's load.
+        checkpoint.fail_together(lambda: self.engine.optimizer.load_state_dict(state), source=directory)
         client_state["optimizer"] = state  # what DeepSpeed returns there, for this rank
         return load_path, client_state
-
-    def _read_state(self, load_dir: str, tag: str) -> dict:
-        path = self._path(load_dir, tag)
-        if os.path.isfile(path):
-            return torch.load(path, map_location="cpu", weights_only=True)
-        saved = sorted({int(m.group(2)) for f in glob.glob(os.path.join(load_dir, tag, "distlion_rank*_of_*.pt"))
-                        if (m := _STATE_FILE_PATTERN.search(f))})
-        here = self.optimizer.world_size
-        if saved and here not in saved:
-            raise ValueError(
-                f"Checkpoint {os.path.join(load_dir, tag)} holds DistLion state of {saved[0]} rank(s), but this run "
-                f"has {here}. DistLion keeps different momentum on every rank and cannot re-split it: resume with "
-                f"{saved[0]} ranks, or call load_checkpoint(..., load_optimizer_states=False) to keep the weights "
-                "and start the optimizer fresh.")
-        raise ValueError(
-            f"No DistLion optimizer state for rank {self.optimizer.rank} at {path}. Save checkpoints from an "
-            "engine built by distlion.deepspeed.initialize (plain DeepSpeed keeps rank 0's state only), or call "
-            "load_checkpoint(..., load_optimizer_states=False) to keep the weights and start the optimizer fresh.")
 
 
 def _latest_tag(load_dir: str) -> str | None:

@@ -237,7 +237,7 @@ class DistLion(torch.optim.Optimizer):
         chunk_bytes = [bucket.padded_numel // self.ranks_per_node // 8 for bucket in self.layout.buckets]
         self._exchange = make_exchange(self.exchange_name, self.topology.vote_group, chunk_bytes,
                                        self.vote_rule.planes, device, self.comm_stats)
-        self._node = make_node(self.topology, self.comm_stats)
+        self._node = make_node(self.topology, self.comm_stats, device)
 
     def _allocate(self, bucket: Bucket) -> _BucketBuffers:
         n, dev = bucket.padded_numel, bucket.device

@@ -1,14 +1,15 @@
 """The demo: DistLion against AdamW + DDP on 4 local CPU workers, side by side.
 
-Trains the byte-level GPT of ``launch/train.py`` on the Python standard library's own
+Trains the byte-level GPT of ``launch.train`` on the Python standard library's own
 source twice with ``torchrun`` (gloo): once with DistLion (majority vote, no DDP) and
 once with AdamW + DDP's fp32 gradient all-reduce. Same model, seed, data order and
-steps; each optimizer gets its own Lion/AdamW hyper-parameters (see train.py). Then it
-prints the comparison and writes ``report.json`` and ``report.png`` to ``--out``::
+steps; each optimizer gets its own Lion/AdamW hyper-parameters (see launch/recipe.py).
+Then it prints the comparison and writes ``report.json`` and ``report.png`` to ``--out``.
+Run it from the repository root::
 
-    python launch/demo.py                      # ~3 minutes on 2 cores
-    python launch/demo.py --data my_text.txt   # your own text
-    python launch/demo.py --smoke              # a tiny model for a few steps (CI)
+    python -m launch.demo                      # ~3 minutes on 2 cores
+    python -m launch.demo --data my_text.txt   # your own text
+    python -m launch.demo --smoke              # a tiny model for a few steps (CI)
 
 ``bash launch/demo.sh`` sets up a virtualenv first and runs this.
 """
@@ -16,50 +17,18 @@ prints the comparison and writes ``report.json`` and ``report.png`` to ``--out``
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Import as `launch.*` from the repository root. Run as a script, Python put launch/ itself
-# first on the path, where launch/accelerate/ and launch/deepspeed/ (config folders) and
-# modules named data, model, ... could shadow installed packages: replace it.
-_LAUNCH = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0] or ".") == _LAUNCH:
-    sys.path.pop(0)
-sys.path.insert(0, os.path.dirname(_LAUNCH))
-
-from launch.report import format_table, write_report  # noqa: E402
-
-TRAIN_SCRIPT = os.path.join(REPO, "launch", "train.py")
-# A tiny configuration for CI: every code path, a few seconds of compute.
-SMOKE_ARGS = ["--steps", "12", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
-              "--batch_size", "4", "--eval_interval", "6", "--eval_sequences", "32"]
-
-
-def run_training(train_args: list[str], workers: int, out: str) -> dict:
-    """Run ``launch/train.py`` on ``workers`` local processes with torchrun; return its metrics.
-
-    One worker runs the script directly. Raises CalledProcessError when training fails.
-    """
-    os.makedirs(out, exist_ok=True)
-    command = [sys.executable, TRAIN_SCRIPT, *train_args, "--out", out]
-    if workers > 1:
-        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}"]
-    # One thread per worker: workers already outnumber cores, more threads only contend.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(command, check=True, env=env)
-    with open(os.path.join(out, "metrics.json")) as f:
-        return json.load(f)
+from launch.recipe import SMOKE_ARGS, run_training
+from launch.report import format_table, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--workers", type=int, default=4, help="local worker processes (gloo)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: train.py's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: launch.train's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=None, metavar="FILE",
                         help="text file to train on (default: the Python standard library's source)")
@@ -79,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--data {args.data!r}: no such file")
     common = ["--seed", str(args.seed)] + (SMOKE_ARGS if args.smoke else [])
     common += ["--steps", str(args.steps)] if args.steps is not None else []
-    common += ["--data", args.data] if args.data is not None else []
+    common += ["--data", os.path.abspath(args.data)] if args.data is not None else []  # training runs in the repo root
 
     start = time.perf_counter()
     runs = {}

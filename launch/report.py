@@ -1,6 +1,6 @@
 """Compare training runs: a terminal table, ``report.json`` and ``report.png``.
 
-Every number comes from the runs' ``metrics.json`` (written by ``launch/train.py``);
+Every number comes from the runs' ``metrics.json`` (written by ``launch.train``);
 nothing here is a formula. ``machine_info()`` describes the machine for the reports
 and the benchmarks (processor and cores, never the host name).
 """
@@ -41,6 +41,13 @@ def machine_info() -> dict:
 
 def today() -> str:
     return datetime.date.today().isoformat()
+
+
+def command_line() -> str:
+    """Return how this process was started, for a results file: ``python -m launch.demo --smoke``."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = ["-m", spec.name] if spec is not None else [os.path.basename(sys.argv[0])]
+    return " ".join(["python", *program, *sys.argv[1:]])
 
 
 def _label(metrics: dict) -> str:
@@ -135,9 +142,8 @@ def plot(runs: dict[str, dict], path: str) -> bool:
 def write_report(runs: dict[str, dict], out: str, extra: dict | None = None) -> dict:
     """Write ``report.json`` and ``report.png`` to ``out``; return the report."""
     os.makedirs(out, exist_ok=True)
-    report = {"date": today(), "machine": machine_info(), "command": " ".join([os.path.basename(sys.argv[0])]
-                                                                                + sys.argv[1:]),
-              **(extra or {}), "comparison": comparison(runs), "runs": runs}
+    report = {"date": today(), "machine": machine_info(), "command": command_line(), **(extra or {}),
+              "comparison": comparison(runs), "runs": runs}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     report["plotted"] = plot(runs, os.path.join(out, "report.png"))

@@ -5,24 +5,25 @@ This is the script behind the demo and the convergence benchmark. It writes
 for gradients or signs (measured: DistLion's ``comm_stats``, DDP's all-reduce through a
 counting comm hook), time per step, and a digest of every rank's parameters.
 
-Single process (DistLion with one rank is plain Lion)::
+Run it from the repository root, as a module. Single process (DistLion with one rank
+is plain Lion)::
 
-    python launch/train.py --optimizer distlion --steps 200
+    python -m launch.train --optimizer distlion --steps 200
 
 Four local workers on CPU (gloo), the standard way::
 
-    torchrun --standalone --nproc_per_node 4 launch/train.py --optimizer distlion
-    torchrun --standalone --nproc_per_node 4 launch/train.py --optimizer adamw
+    torchrun --standalone --nproc_per_node 4 -m launch.train --optimizer distlion
+    torchrun --standalone --nproc_per_node 4 -m launch.train --optimizer adamw
 
-Two nodes: ``torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 ...``.
+Two nodes: ``torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m launch.train ...``.
 
 Accelerate (DistLion goes through ``distlion.accelerate.prepare``)::
 
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 4 launch/train.py --accelerate
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 4 -m launch.train --accelerate
 
 DeepSpeed (DistLion goes through ``distlion.deepspeed.initialize``)::
 
-    deepspeed launch/train.py --deepspeed_config launch/deepspeed/CONFIG.json
+    deepspeed --module launch.train --deepspeed_config launch/deepspeed/CONFIG.json
 
 Optimizers: ``distlion`` votes the ranks' 1-bit Lion updates and needs no DDP wrapper
 (gradients stay local); ``adamw`` is DDP (fp32 gradient all-reduce) + foreach AdamW;
@@ -35,49 +36,24 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# Import as `launch.*` from the repository root. Run as a script, Python put launch/ itself
-# first on the path, where launch/accelerate/ and launch/deepspeed/ (config folders) and
-# modules named data, model, ... could shadow installed packages: replace it.
-_LAUNCH = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0] or ".") == _LAUNCH:
-    sys.path.pop(0)
-sys.path.insert(0, os.path.dirname(_LAUNCH))
-
-from distlion import DistLion  # noqa: E402
-from launch.comm_hooks import AllReduceCounter, counting_allreduce_hook  # noqa: E402
-from launch.data import TrainWindows, check_fits, load_corpus, train_batch, validation_batches  # noqa: E402
-from launch.model import GPT, GPTConfig  # noqa: E402
-from launch.worker_exit import exit_worker  # noqa: E402
+from distlion import DistLion, unwrap
+from distlion.worker_exit import exit_worker
+from launch.comm_hooks import AllReduceCounter, counting_allreduce_hook
+from launch.data import TrainWindows, check_fits, load_corpus, train_batch
+from launch.model import GPT, GPTConfig
+from launch.recipe import DEFAULT_HYPERPARAMETERS, Session, evaluate, lr_at
 
 OPTIMIZERS = ("distlion", "adamw", "lion")
-# Lion guidance (Chen et al. 2023): lr 3-10x smaller than AdamW's and weight decay 3-10x
-# larger, because every coordinate of a sign update moves by the full lr. DistLion and
-# global Lion here take the scaled step (vote_ema_beta 0.9, README "The scaled step"):
-# coordinates whose sign keeps flipping move by ~5% of the lr, so the lr is 2x AdamW's
-# (6e-3) with weight decay 0.3 (3x). beta2 = 0.999 instead of Lion's usual 0.99 (a sweep
-# of the unscaled step, benchmarks/results/lion_sweep-*.json: with 0.99 the best lr ended
-# 7% above AdamW). The embeddings (the token one is also the output layer) take 10x the
-# lr (benchmarks/results/lion_gap-*.json). lr 6e-3 beat 4e-3 and 1e-2, and weight decay
-# 0.3 beat 0.1, on one process (benchmarks/lion_gap.py, README Convergence).
-DEFAULT_HYPERPARAMETERS = {
-    "adamw": {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "embedding_lr_scale": 1.0},
-    "distlion": {"lr": 6e-3, "weight_decay": 0.3, "betas": (0.9, 0.999), "embedding_lr_scale": 10.0,
-                 "vote_ema_beta": 0.9},
-    "lion": {"lr": 6e-3, "weight_decay": 0.3, "betas": (0.9, 0.999), "embedding_lr_scale": 10.0,
-             "vote_ema_beta": 0.9},
-}
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -103,6 +79,10 @@ def _beta_or_off(text: str) -> float | str:
     if not 0.0 <= value < 1.0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"{text} is not in [0, 1) (or 'off')")
     return value
+
+
+def _ranks_per_node(text: str) -> int | str:
+    return text if text == "auto" else _positive_int(text)
 
 
 def _non_negative_float(text: str) -> float:
@@ -133,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--vote_ema_beta", type=_beta_or_off, default=None, metavar="BETA",
                      help="distlion and lion: scale each coordinate's step by the squared EMA of its votes with "
                           "this beta ('off': Lion's unscaled step, whose lr should be 3-10x smaller; default 0.9)")
+    opt.add_argument("--ranks_per_node", type=_ranks_per_node, default="auto", metavar="G|auto",
+                     help="DistLion: ranks of one node, which vote as one worker (default auto: LOCAL_WORLD_SIZE on "
+                          "a multi-node job, else 1)")
     opt.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up (default: 10%% of --steps)")
     opt.add_argument("--min_lr_ratio", type=_non_negative_float, default=0.1,
                      help="cosine decay ends at this fraction of the peak lr")
@@ -170,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.optimizer == "adamw" and args.vote_ema_beta is not None:
         parser.error(f"--vote_ema_beta {args.vote_ema_beta}: only distlion and lion take it")
+    if args.optimizer != "distlion" and args.ranks_per_node not in ("auto", 1):
+        parser.error(f"--ranks_per_node {args.ranks_per_node}: only distlion takes it")
     defaults = DEFAULT_HYPERPARAMETERS[args.optimizer]
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -195,29 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def lr_at(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up to ``args.lr``, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(args.steps - args.warmup_steps, 1)
-    return args.lr * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
 # ------------------------------------------------------------------------------ session
-
-@dataclass
-class Session:
-    """Where this process runs: its rank among ``world_size`` and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    accelerator: Any = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def _pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
@@ -274,12 +237,13 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], session: Sessi
     """The optimizer ``args.optimizer`` over ``groups`` (from ``GPT.param_groups``)."""
     if args.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, betas=args.betas, foreach=True)
-    process_group = None  # DistLion votes over the world group
+    process_group, ranks_per_node = None, args.ranks_per_node  # DistLion votes over the world group
     if args.optimizer == "lion" and session.distributed:
         # Global Lion: DDP has averaged the gradients, so each rank takes the Lion step alone.
         process_group, _ = dist.new_subgroups(group_size=1)
+        ranks_per_node = 1
     return DistLion(groups, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, vote=args.vote,
-                    exchange=args.exchange, process_group=process_group,
+                    exchange=args.exchange, process_group=process_group, ranks_per_node=ranks_per_node,
                     vote_ema_beta=None if args.vote_ema_beta == "off" else args.vote_ema_beta)
 
 
@@ -287,19 +251,8 @@ def _param_groups(model: GPT, args: argparse.Namespace) -> list[dict]:
     return model.param_groups(args.weight_decay, args.embedding_lr_scale)
 
 
-def _find_distlion(optimizer: Any) -> DistLion | None:
-    """Unwrap optimizer wrappers (Accelerate, DeepSpeed) down to a DistLion, if there is one."""
-    seen = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        if isinstance(optimizer, DistLion):
-            return optimizer
-        seen.add(id(optimizer))
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
-
-
 def _distlion_bytes(optimizer: Any) -> Callable[[], int | None]:
-    inner = _find_distlion(optimizer)
+    inner = unwrap(optimizer)
     return (lambda: inner.comm_stats.bytes_sent) if inner is not None else (lambda: None)
 
 
@@ -376,24 +329,6 @@ def deepspeed_engine(args, model: GPT, corpus, session: Session) -> Engine:
 
 
 # ---------------------------------------------------------------------------- measuring
-
-@torch.no_grad()
-def evaluate(module: torch.nn.Module, corpus, args, session: Session) -> float:
-    """Mean validation loss over the shared windows, averaged over all ranks' shares."""
-    was_training = module.training
-    module.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    for x, y in validation_batches(corpus, num_sequences=args.eval_sequences, rank=session.rank,
-                                   world_size=session.world_size, batch_size=max(args.batch_size, 16),
-                                   block_size=args.block_size):
-        _, loss = module(x.to(session.device), y.to(session.device))
-        total += torch.tensor([loss.item() * x.numel(), x.numel()], dtype=torch.float64)
-    if session.distributed:
-        total = total.to(session.device)
-        dist.all_reduce(total)
-    module.train(was_training)
-    return float(total[0] / total[1])
-
 
 def parameter_digests(module: torch.nn.Module, session: Session) -> list[str]:
     """Return every rank's sha256 of its parameters' bytes (rank order)."""
@@ -506,7 +441,7 @@ def train(args: argparse.Namespace) -> dict:
     # Medians over the steps after the first few (allocation, warm-up): robust to a busy machine.
     steady = slice(min(5, args.steps - 1), None)
     sent = engine.bytes_sent()
-    inner = _find_distlion(engine.optimizer)
+    inner = unwrap(engine.optimizer)
     metrics = {
         "optimizer": args.optimizer,
         "vote": args.vote if args.optimizer == "distlion" else None,
@@ -554,4 +489,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    exit_worker()  # past this point only the interpreter teardown is left; see launch/worker_exit.py
+    exit_worker()  # past this point only the interpreter teardown is left; see distlion/worker_exit.py

@@ -10,7 +10,7 @@ Each rank writes ``<out>/<phase>_rank<r>.pt``. Phases:
     fp16        GradScaler with an inf on rank 1 at one step
     load        load_state only (the tests launch it with the wrong number of processes)
 
-Run by hand, e.g.::
+Run by hand from the repository root, e.g.::
 
     ACCELERATE_USE_CPU=true accelerate launch --config_file launch/accelerate/cpu_2proc.yaml \
         tests/accelerate_job.py --phase train --out runs/accelerate_job
@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import distlion.accelerate
 from distlion import DistLion
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.worker_exit import exit_worker  # noqa: E402
+from distlion.worker_exit import exit_worker
 
 BATCH = 4
 MICRO_STEPS = 4

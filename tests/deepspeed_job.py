@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 
-from distlion import DistLion
+from distlion import DistLion, unwrap
 from distlion.deepspeed import distlion_kwargs, get_distlion, initialize
 
 K = 3                      # checkpoint after step K, train to 2*K
@@ -223,6 +223,7 @@ def train_all(rank: int, world_size: int, checkpoint_root: str) -> dict:
         result = {
             "wrapper": type(engine.optimizer).__name__,
             "returned_optimizer_is_engine_optimizer": optimizer is engine.optimizer,
+            "unwrap_finds_distlion": all(unwrap(obj) is distlion for obj in (engine, engine.optimizer, optimizer)),
             "allreduce_enabled": engine.enable_backward_allreduce,
             "hyperparameters": {key: distlion.param_groups[0][key] for key in ("lr", "betas", "weight_decay")},
             "vote": distlion.vote,
@@ -290,7 +291,7 @@ def load_elsewhere(rank: int, world_size: int, checkpoint_root: str) -> dict:
     # What plain DeepSpeed saves: the same checkpoint without the per-rank files.
     plain = os.path.join(checkpoint_root, "without_rank_files")
     shutil.copytree(os.path.join(checkpoint_root, "fp32"), plain,
-                    ignore=shutil.ignore_patterns("distlion_rank*"))
+                    ignore=shutil.ignore_patterns("distlion_optimizer*"))
     try:
         engine.load_checkpoint(plain)
         out["without_rank_files"] = None

@@ -24,8 +24,10 @@ pytest.importorskip("accelerate")
 from safetensors.torch import load_file  # noqa: E402  (installed with accelerate)
 
 import accelerate_job as job  # noqa: E402
+import distlion  # noqa: E402
 import distlion.accelerate  # noqa: E402
 from distlion import DistLion  # noqa: E402
+from distlion.checkpoint import state_file_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "accelerate_job.py"
@@ -151,11 +153,13 @@ def test_save_model_writes_every_weight(trained, out):
 @pytest.mark.timeout(300)
 def test_save_state_writes_every_rank_and_the_whole_model(trained, out):
     ckpt = out / "ckpt"
-    assert sorted(p.name for p in ckpt.glob("distlion_*")) == [f"distlion_optimizer_rank{r}.bin" for r in range(WORLD)]
+    names = [state_file_name(rank, WORLD) for rank in range(WORLD)]
+    assert sorted(p.name for p in ckpt.glob("distlion_*")) == names == [f"distlion_optimizer0_rank{r}_of_{WORLD}.pt"
+                                                                       for r in range(WORLD)]
     # Parameters are views of one bucket; every weight must still be in the file.
     assert sorted(load_file(ckpt / "model.safetensors")) == ["0.bias", "0.weight", "2.bias", "2.weight"]
     for rank in range(WORLD):
-        state = torch.load(ckpt / f"distlion_optimizer_rank{rank}.bin", weights_only=True)
+        state = torch.load(ckpt / names[rank], weights_only=True)
         assert state["distlion"]["rank"] == rank and state["distlion"]["world_size"] == WORLD
         assert state["distlion"]["step"] == SAVE_AT
 
@@ -177,7 +181,7 @@ def test_load_state_of_a_directory_saved_without_distlion_fails_clearly(resumed)
     for rank, result in enumerate(resumed):
         (message,) = result["load_errors"]
         assert "saved without distlion" in message
-        assert f"expected distlion_optimizer_rank{rank}.bin" in message and "optimizer.bin" in message
+        assert f"expected {state_file_name(rank, WORLD)}" in message and "optimizer.bin" in message
 
 
 @pytest.mark.timeout(300)
@@ -258,6 +262,7 @@ def test_prepare_returns_what_accelerator_prepare_returns(accelerator):
     optimizer = DistLion(model.parameters(), lr=1e-3)
     single = distlion.accelerate.prepare(accelerator, optimizer)
     assert single.optimizer is optimizer  # one object in, one object out, as accelerator.prepare
+    assert distlion.unwrap(single) is optimizer  # through Accelerate's AcceleratedOptimizer
     assert distlion.accelerate.comm_metrics(single)["distlion/steps"] == 0
     with pytest.raises(TypeError, match="needs a DistLion optimizer"):
         distlion.accelerate.comm_metrics(torch.optim.SGD(model.parameters(), lr=0.1))

@@ -11,7 +11,7 @@ import torch
 
 from distlion import DistLion
 from multiprocess import run_ranks
-from test_distributed import BETAS, LR, WD, _grads, _params, simulate
+from simulation import BETAS, LR, WD, _grads, _params, simulate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

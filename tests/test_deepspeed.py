@@ -52,6 +52,7 @@ def test_config_entry_builds_distlion_with_gradients_left_local(trained, precisi
         assert result["vote"] == "majority" and result["world_size"] == WORLD
         assert result["allreduce_enabled"] is False
         assert result["returned_optimizer_is_engine_optimizer"]
+        assert result["unwrap_finds_distlion"]  # distlion.unwrap sees through the engine and its wrapper
         # fp32: DistLion is the engine's optimizer; bf16/fp16: DeepSpeed's wrapper around it.
         assert result["wrapper"] == ("DistLion" if precision == "fp32" else "FP16_UnfusedOptimizer")
         if precision != "fp16":  # fp16 gradients carry the loss scale

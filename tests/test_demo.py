@@ -13,8 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.timeout(300)
 def test_demo_smoke_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "demo.py"), "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, timeout=290)
+    result = subprocess.run([sys.executable, "-m", "launch.demo", "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=290, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for column in ("final val loss", "sent/worker/step", "total sent", "AdamW/this bytes", "time/step"):
         assert column in result.stdout
@@ -42,6 +42,6 @@ def test_demo_smoke_writes_table_json_and_plot(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_demo_rejects_bad_arguments():
-    result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "demo.py"), "--workers", "0"],
-                            capture_output=True, text=True, timeout=25)
+    result = subprocess.run([sys.executable, "-m", "launch.demo", "--workers", "0"],
+                            capture_output=True, text=True, timeout=25, cwd=REPO)
     assert result.returncode == 2 and "--workers 0: use at least 1" in result.stderr

@@ -1,4 +1,4 @@
-"""launch/train.py end to end: torchrun with 2 gloo ranks and single process, at a tiny size.
+"""launch.train end to end: torchrun with 2 gloo ranks and single process, at a tiny size.
 
 Checks what the run reports, not how fast: the loss went down, DistLion kept every
 rank's parameters bit-identical without DDP, its measured bytes are a small fraction of
@@ -13,12 +13,11 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from launch import recipe, train
+from launch.data import TrainWindows, load_corpus, train_batch
+from launch.recipe import SMOKE_ARGS, run_training
 
-from launch import train  # noqa: E402
-from launch.data import TrainWindows, load_corpus, train_batch  # noqa: E402
-from launch.demo import SMOKE_ARGS, run_training  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = [*SMOKE_ARGS, "--no_progress", "--steps", "16", "--eval_interval", "8"]
 
@@ -71,10 +70,10 @@ def test_accelerate_launch_matches_torchrun(two_rank_runs, tmp_path):
     pytest.importorskip("distlion.accelerate")
     out = tmp_path / "accelerate"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", "0", os.path.join(REPO, "launch", "train.py"), "--accelerate",
+               "--main_process_port", "0", "-m", "launch.train", "--accelerate",
                "--optimizer", "distlion", *TINY, "--out", str(out)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=230, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=230, env=env, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["launcher"] == "accelerate"
@@ -87,8 +86,8 @@ def test_accelerate_launch_matches_torchrun(two_rank_runs, tmp_path):
 @pytest.mark.timeout(120)
 def test_single_process(tmp_path):
     out = tmp_path / "single"
-    result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"), "--optimizer", "distlion",
-                             *TINY, "--out", str(out)], capture_output=True, text=True, timeout=110)
+    result = subprocess.run([sys.executable, "-m", "launch.train", "--optimizer", "distlion", *TINY, "--out", str(out)],
+                            capture_output=True, text=True, timeout=110, cwd=REPO)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     _check_run(metrics, world_size=1)
@@ -125,9 +124,9 @@ def test_defaults_follow_lion_guidance():
     # 'off' builds DistLion with Lion's unscaled step
     unscaled = train.parse_args(["--optimizer", "distlion", "--vote_ema_beta", "off"])
     params = [torch.nn.Parameter(torch.zeros(4))]
-    assert train.build_optimizer(unscaled, [{"params": params}], train.Session()).param_groups[0]["vote_ema_beta"] \
+    assert train.build_optimizer(unscaled, [{"params": params}], recipe.Session()).param_groups[0]["vote_ema_beta"] \
         is None
-    assert train.build_optimizer(lion, [{"params": params}], train.Session()).param_groups[0]["vote_ema_beta"] == 0.9
+    assert train.build_optimizer(lion, [{"params": params}], recipe.Session()).param_groups[0]["vote_ema_beta"] == 0.9
     explicit = train.parse_args(["--optimizer", "distlion", "--lr", "1e-3", "--weight_decay", "0.5"])
     assert (explicit.lr, explicit.weight_decay) == (1e-3, 0.5)
 
@@ -135,7 +134,7 @@ def test_defaults_follow_lion_guidance():
 @pytest.mark.timeout(30)
 def test_lr_schedule_warms_up_then_decays():
     args = train.parse_args(["--steps", "100", "--warmup_steps", "10", "--lr", "1.0", "--min_lr_ratio", "0.1"])
-    lrs = [train.lr_at(step, args) for step in range(100)]
+    lrs = [recipe.lr_at(step, args) for step in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(0.1, abs=0.01)
@@ -171,8 +170,7 @@ def test_corpus_split_is_deterministic_and_user_file_works(tmp_path):
 
 EXIT_WORKER_SCRIPT = """
 import sys, torch.distributed as dist
-sys.path.insert(0, {repo!r})
-from launch.worker_exit import exit_worker
+from distlion.worker_exit import exit_worker
 dist.init_process_group("gloo", init_method="file://" + {init!r}, rank=0, world_size=1)
 print("written before the exit", end="")  # no newline: still buffered when exit_worker runs
 sys.stderr.write("and on stderr")
@@ -184,7 +182,7 @@ print("never reached")
 @pytest.mark.timeout(60)
 def test_exit_worker_flushes_and_keeps_the_exit_status(tmp_path):
     """exit_worker skips the interpreter teardown, so it must flush what was printed itself."""
-    script = EXIT_WORKER_SCRIPT.format(repo=REPO, init=str(tmp_path / "rendezvous"))
+    script = EXIT_WORKER_SCRIPT.format(init=str(tmp_path / "rendezvous"))
     buffered = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50, env=buffered)
     assert result.returncode == 3, result.stderr

@@ -118,8 +118,12 @@ class NodeCollectives:
         self._gathering.clear()
 
 
-def make_node(topology, stats: CommStats) -> NodeShards:
-    """Build the node collectives of ``topology`` (a ``distlion.topology.NodeTopology``)."""
+def make_node(topology, stats: CommStats, device: torch.device) -> NodeShards:
+    """Build the node collectives of ``topology`` (a ``distlion.topology.NodeTopology``) for buckets on ``device``."""
     if topology.ranks_per_node == 1:
         return LocalNode()
+    if device.type == "cuda" and dist.get_backend(topology.node_group) != "nccl":
+        raise ValueError(f"ranks_per_node={topology.ranks_per_node} with CUDA parameters needs the NCCL backend "
+                         f"for the node's reduce-scatter and all-gather, got {dist.get_backend(topology.node_group)!r}: "
+                         f"init_process_group('nccl'), or use ranks_per_node=1")
     return NodeCollectives(topology.node_group, topology.local_rank, stats)

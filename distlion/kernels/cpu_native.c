@@ -2,7 +2,7 @@
  *
  * Built on first use by distlion/kernels/cpu_native.py (cc -O3 -march=native
  * -ffp-contract=off) and called through ctypes. The arithmetic is the contract of
- * distlion/kernels/__init__.py, rounded exactly as the torch reference rounds it:
+ * distlion/kernels/contract.py, rounded exactly as the torch reference rounds it:
  * a product, then one fma (torch's add(alpha=) is an fma on AVX2 CPUs). With
  * -ffp-contract=off the compiler fuses nothing else, so the bits are the reference's.
  *

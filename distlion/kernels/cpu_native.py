@@ -3,8 +3,9 @@
 ``cpu_native.c`` beside this file is built on first use with the system C compiler
 (``cc -O3 -march=native``, about a second) into a per-user cache, keyed by the source,
 the compiler, its flags and the CPU, and called through ctypes (which releases the GIL,
-so large calls are split over ``torch.get_num_threads()`` threads). Results are bitwise
-equal to ``distlion.kernels.reference``.
+so large calls are split over ``torch.get_num_threads()`` threads). Implements the ops
+of ``distlion.kernels.contract`` (plus the helpers ``pack_signs`` and ``nonfinite``),
+bitwise equal to the reference backend.
 
 Handled natively: fp32 gradients and momentum; fp32 parameters, or bf16 parameters with
 fp32 master weights. Anything else (fp16, a bf16 momentum, a non-contiguous tensor) is
@@ -33,7 +34,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from distlion.kernels import reference, torch_fast
+from distlion.kernels import torch_fast
+from distlion.kernels.arithmetic import average_steps, bias_correction
 
 logger = logging.getLogger("distlion")
 
@@ -154,7 +156,7 @@ def _address(tensor: Tensor, offset: int = 0) -> int:
     return tensor.data_ptr() + offset * tensor.element_size()
 
 
-# ------------------------------------------------------------------ the contract
+# ------------------------------------------------------- the ops of the contract
 
 def pack_signs(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: float, parity: int) -> None:
     _pack(grad, momentum, out, None, beta1=beta1, beta2=0.0, parity=parity)
@@ -247,48 +249,31 @@ def _targets(param: Tensor, master: Tensor | None) -> tuple[Tensor, Tensor | Non
     return None
 
 
-def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: float, master: Tensor | None = None) -> None:
+def apply(param: Tensor, planes: Tensor, *, voters: int, lr: float, weight_decay: float,
+          master: Tensor | None = None, vote_ema: Tensor | None = None, beta: float = 0.0, step: int = 1) -> None:
     targets = _targets(param, master)
-    if targets is None or not _native(vote, dtypes=(torch.uint8,)):
-        return torch_fast.apply_majority(param, vote, lr=lr, weight_decay=weight_decay, master=master)
+    if targets is None or not _native(planes, dtypes=(torch.uint8,)) or planes.shape[0] > 30 \
+            or (vote_ema is not None and not _native(vote_ema)):
+        return torch_fast.apply(param, planes, voters=voters, lr=lr, weight_decay=weight_decay, master=master,
+                                vote_ema=vote_ema, beta=beta, step=step)
     x, bf16 = targets
+    bf16_at = (lambda lo: None) if bf16 is None else (lambda lo: _address(bf16, lo))
     lib = library()
-    vote = vote.view(-1)
-    _split(x.numel(), lambda lo, hi: lib.dl_apply_majority(
-        _address(x, lo), None if bf16 is None else _address(bf16, lo), _address(vote, lo // 8), hi - lo,
-        1.0 - lr * weight_decay, -lr))
-
-
-def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, weight_decay: float,
-                  master: Tensor | None = None) -> None:
-    targets = _targets(param, master)
-    if targets is None or not _native(counts, dtypes=(torch.uint8,)) or counts.shape[0] > 30:
-        return torch_fast.apply_average(param, counts, world_size=world_size, lr=lr, weight_decay=weight_decay,
-                                        master=master)
-    x, bf16 = targets
-    lib = library()
-    planes = counts.shape[0]
-    steps = _step_table(world_size, planes)
-    _split(x.numel(), lambda lo, hi: lib.dl_apply_average(
-        _address(x, lo), None if bf16 is None else _address(bf16, lo), _address(counts, lo // 8), counts.shape[1],
-        planes, steps.data_ptr(), hi - lo, 1.0 - lr * weight_decay, -lr))
-
-
-def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int, beta: float, step: int, lr: float,
-                 weight_decay: float, master: Tensor | None = None) -> None:
-    targets = _targets(param, master)
-    if targets is None or not _native(vote_ema) or not _native(counts, dtypes=(torch.uint8,)) \
-            or counts.shape[0] > 30:
-        return torch_fast.apply_scaled(param, counts, vote_ema, voters=voters, beta=beta, step=step, lr=lr,
-                                       weight_decay=weight_decay, master=master)
-    x, bf16 = targets
-    lib = library()
-    steps = _step_table(voters, counts.shape[0])
-    correction = reference.bias_correction(beta, step)
+    decay, neg_lr = 1.0 - lr * weight_decay, -lr
+    if vote_ema is None and voters == 1 and planes.shape[0] == 1:  # a majority vote: -1/+1 by a blend, no table
+        _split(x.numel(), lambda lo, hi: lib.dl_apply_majority(
+            _address(x, lo), bf16_at(lo), _address(planes, lo // 8), hi - lo, decay, neg_lr))
+        return
+    steps = _step_table(voters, planes.shape[0])
+    if vote_ema is None:
+        _split(x.numel(), lambda lo, hi: lib.dl_apply_average(
+            _address(x, lo), bf16_at(lo), _address(planes, lo // 8), planes.shape[1], planes.shape[0],
+            steps.data_ptr(), hi - lo, decay, neg_lr))
+        return
+    correction = bias_correction(beta, step)
     _split(x.numel(), lambda lo, hi: lib.dl_apply_scaled(
-        _address(x, lo), None if bf16 is None else _address(bf16, lo), _address(vote_ema, lo),
-        _address(counts, lo // 8), counts.shape[1], counts.shape[0], steps.data_ptr(), hi - lo, beta, 1.0 - beta,
-        correction, 1.0 - lr * weight_decay, -lr))
+        _address(x, lo), bf16_at(lo), _address(vote_ema, lo), _address(planes, lo // 8), planes.shape[1],
+        planes.shape[0], steps.data_ptr(), hi - lo, beta, 1.0 - beta, correction, decay, neg_lr))
 
 
 def _step_table(voters: int, planes: int) -> Tensor:
@@ -297,7 +282,3 @@ def _step_table(voters: int, planes: int) -> Tensor:
     steps[:voters + 1] = average_steps(voters)
     return steps
 
-
-def average_steps(world_size: int) -> Tensor:
-    """Return fp32 (2k - N) / N for k = 0..N, as the reference divides it."""
-    return reference.average_steps(world_size)

@@ -1,8 +1,9 @@
 """Plain reference kernels: the oracle every fast path is tested against.
 
 Written for clarity, not speed: signs are unpacked to one bool per coordinate and
-votes are counted with ``sum``. The signatures are the ones every implementation in
-``distlion.kernels`` shares (see ``distlion/kernels/__init__.py`` for the contract).
+votes are counted with ``sum``. It implements the ops of ``distlion.kernels.contract``
+(where their arithmetic is declared), plus ``pack_signs`` and ``nonfinite``, the two
+halves of ``pack_signs_and_check``. Only the tests import this module.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from distlion.kernels.arithmetic import average_steps, scaled_step
 from distlion.kernels.gather import pack_after_gather
 
 _BIT_WEIGHTS = [1 << j for j in range(8)]  # bit j of byte k is coordinate 8k + j
@@ -58,10 +60,12 @@ def pack_signs_and_momentum(grad: Tensor, momentum: Tensor, out: Tensor, momentu
                             beta2: float, parity: int) -> Tensor:
     flag = pack_signs_and_check(grad, momentum, out, beta1=beta1, parity=parity)
     new = (momentum.float() * beta2).add(grad.float(), alpha=1.0 - beta2)
-    momentum_out.copy_(new)  # may be grad itself: everything was read above
+    momentum_out.copy_(new)  # may be grad itself: everything is read above
     return flag
 
+
 pack_grads_and_momentum = partial(pack_after_gather, pack_signs_and_momentum)
+
 
 def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
     new = (momentum.float() * beta2).add(grad.float(), alpha=1.0 - beta2)
@@ -90,60 +94,21 @@ def vote_counts(packed: Tensor, out: Tensor) -> None:
     out.copy_(torch.stack([_pack_bits(p) for p in planes]))
 
 
-def _apply_direction(param: Tensor, direction: Tensor, lr: float, weight_decay: float, master: Tensor | None) -> None:
+def _counts(planes: Tensor) -> Tensor:
+    """Return the per-coordinate vote counts spelled by the bit-planes ``planes`` [P, C]."""
+    count = torch.zeros(planes.shape[1] * 8, dtype=torch.int64, device=planes.device)
+    for i in range(planes.shape[0]):
+        count += _unpack_bits(planes[i]).long() << i
+    return count
+
+
+def apply(param: Tensor, planes: Tensor, *, voters: int, lr: float, weight_decay: float,
+          master: Tensor | None = None, vote_ema: Tensor | None = None, beta: float = 0.0, step: int = 1) -> None:
+    direction = average_steps(voters).to(param.device)[_counts(planes)]
+    if vote_ema is not None:
+        direction = scaled_step(direction, vote_ema, beta=beta, step=step)
     target = param if master is None else master
     updated = (target.float() * (1.0 - lr * weight_decay)).add(direction, alpha=-lr)
     target.copy_(updated)
     if master is not None:
         param.copy_(master)
-
-
-def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: float, master: Tensor | None = None) -> None:
-    direction = _unpack_bits(vote.view(-1)).float() * 2 - 1
-    _apply_direction(param, direction, lr, weight_decay, master)
-
-
-def _counts(counts: Tensor) -> Tensor:
-    """Return the per-coordinate vote counts spelled by the bit-planes ``counts`` [B, C]."""
-    count = torch.zeros(counts.shape[1] * 8, dtype=torch.int64, device=counts.device)
-    for i in range(counts.shape[0]):
-        count += _unpack_bits(counts[i]).long() << i
-    return count
-
-
-def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, weight_decay: float,
-                  master: Tensor | None = None) -> None:
-    direction = average_steps(world_size).to(param.device)[_counts(counts)]
-    _apply_direction(param, direction, lr, weight_decay, master)
-
-
-def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int, beta: float, step: int, lr: float,
-                 weight_decay: float, master: Tensor | None = None) -> None:
-    vote = average_steps(voters).to(param.device)[_counts(counts)]
-    _apply_direction(param, scaled_step(vote, vote_ema, beta=beta, step=step), lr, weight_decay, master)
-
-
-def scaled_step(vote: Tensor, vote_ema: Tensor, *, beta: float, step: int) -> Tensor:
-    """Update ``vote_ema`` in place with ``vote`` (fp32) and return the scaled step ``vote * ema_hat**2``.
-
-    ``ema_hat`` is the EMA divided by 1 - beta**step (its bias toward the zero start).
-    """
-    ema = (vote_ema.float() * beta).add(vote, alpha=1.0 - beta)
-    vote_ema.copy_(ema)
-    unbiased = ema * bias_correction(beta, step)
-    return vote * unbiased * unbiased
-
-
-def bias_correction(beta: float, step: int) -> float:
-    """1 / (1 - beta**step): what the EMA of ``step`` votes, started at zero, is multiplied by."""
-    return 1.0 / (1.0 - beta ** step)
-
-
-def average_steps(world_size: int) -> Tensor:
-    """Return the average vote's step (2k - N) / N for k = 0..N positive votes, in fp32.
-
-    Divided on the CPU with a tensor divisor: a true fp32 division on every device (a GPU
-    kernel dividing by a Python scalar multiplies by the rounded reciprocal instead).
-    """
-    k = torch.arange(world_size + 1, dtype=torch.float32)
-    return (2 * k - world_size) / torch.tensor(float(world_size))

@@ -3,7 +3,8 @@
 Each function walks its flat bucket in chunks of ``CHUNK`` coordinates so that the
 few temporaries of a chunk stay in cache; the packed domain is handled as int64 words
 (8 bytes = 64 coordinates) with shift/and/or/multiply, never one Python op per bit.
-Results are bitwise equal to ``distlion.kernels.reference``.
+Implements the ops of ``distlion.kernels.contract`` (plus the helpers ``pack_signs`` and
+``nonfinite``), bitwise equal to the reference backend.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distlion.kernels import reference
+from distlion.kernels.arithmetic import average_steps, scaled_step
 from distlion.kernels.gather import pack_after_gather
 
 CHUNK = 1 << 16  # coordinates per chunk: temporaries of ~0.5 MB stay in L2
@@ -101,7 +102,6 @@ def pack_signs_and_check(grad: Tensor, momentum: Tensor, out: Tensor, *, beta1: 
     return flag
 
 
-
 def pack_signs_and_momentum(grad: Tensor, momentum: Tensor, out: Tensor, momentum_out: Tensor, *, beta1: float,
                             beta2: float, parity: int) -> Tensor:
     flag = pack_signs_and_check(grad, momentum, out, beta1=beta1, parity=parity)
@@ -113,7 +113,9 @@ def pack_signs_and_momentum(grad: Tensor, momentum: Tensor, out: Tensor, momentu
         momentum_out[lo:hi].copy_(new[:n])
     return flag
 
+
 pack_grads_and_momentum = partial(pack_after_gather, pack_signs_and_momentum)
+
 
 def update_momentum(grad: Tensor, momentum: Tensor, *, beta2: float) -> None:
     if momentum.dtype == torch.float32 and grad.dtype == torch.float32:
@@ -212,50 +214,47 @@ def _apply_direction(target: Tensor, direction: Tensor, lr: float, weight_decay:
         target.copy_((target.float() * (1.0 - lr * weight_decay)).add_(direction, alpha=-lr))
 
 
-def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: float, master: Tensor | None = None) -> None:
+class _MajorityDirections:
+    """The -1/+1 steps of one vote plane, chunk by chunk, through a byte table into reused buffers."""
+
+    def __init__(self, vote: Tensor, numel: int):
+        self.vote = vote
+        self.table = _byte_table("signs", vote.device)
+        self.direction = torch.empty(min(CHUNK, numel) // 8, 8, dtype=torch.float32, device=vote.device)
+        self.index = torch.empty(self.direction.shape[0], dtype=torch.int32, device=vote.device)
+
+    def __call__(self, lo: int, hi: int) -> Tensor:
+        index, direction = self.index[:(hi - lo) // 8], self.direction[:(hi - lo) // 8]
+        index.copy_(self.vote[lo // 8:hi // 8])
+        torch.index_select(self.table, 0, index, out=direction)
+        return direction.view(-1)
+
+
+class _CountDirections:
+    """The steps (2k - N) / N of the counts spelled by bit-planes, chunk by chunk."""
+
+    def __init__(self, planes: Tensor, voters: int):
+        self.planes = planes
+        self.steps = average_steps(voters).to(planes.device)
+
+    def __call__(self, lo: int, hi: int) -> Tensor:
+        count = torch.zeros(hi - lo, dtype=torch.int32, device=self.planes.device)
+        for i in range(self.planes.shape[0]):
+            count += _unpack(self.planes[i, lo // 8:hi // 8], "bits").to(torch.int32) << i
+        return self.steps[count]
+
+
+def apply(param: Tensor, planes: Tensor, *, voters: int, lr: float, weight_decay: float,
+          master: Tensor | None = None, vote_ema: Tensor | None = None, beta: float = 0.0, step: int = 1) -> None:
     target = param if master is None else master
-    flat_vote = vote.view(-1)
-    table = _byte_table("signs", param.device)
-    direction = torch.empty(min(CHUNK, param.numel()) // 8, 8, dtype=torch.float32, device=param.device)
-    index = torch.empty(direction.shape[0], dtype=torch.int32, device=param.device)
+    # A majority vote's steps are -1/+1: a table lookup per byte, no counts to add up.
+    majority = voters == 1 and planes.shape[0] == 1
+    directions = _MajorityDirections(planes[0], param.numel()) if majority else _CountDirections(planes, voters)
     for lo, hi in _chunks(param.numel()):
-        n = hi - lo
-        index[:n // 8].copy_(flat_vote[lo // 8:hi // 8])
-        torch.index_select(table, 0, index[:n // 8], out=direction[:n // 8])
-        _apply_direction(target[lo:hi], direction[:n // 8].view(-1), lr, weight_decay)
-        if master is not None:
-            param[lo:hi].copy_(master[lo:hi])
-
-
-def _counts(counts: Tensor, lo: int, hi: int) -> Tensor:
-    """Return the vote counts of coordinates [lo, hi) from their bit-planes, as int32."""
-    count = torch.zeros(hi - lo, dtype=torch.int32, device=counts.device)
-    for i in range(counts.shape[0]):
-        count += _unpack(counts[i, lo // 8:hi // 8], "bits").to(torch.int32) << i
-    return count
-
-
-def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, weight_decay: float,
-                  master: Tensor | None = None) -> None:
-    target = param if master is None else master
-    steps = average_steps(world_size).to(param.device)
-    for lo, hi in _chunks(param.numel()):
-        _apply_direction(target[lo:hi], steps[_counts(counts, lo, hi)], lr, weight_decay)
-        if master is not None:
-            param[lo:hi].copy_(master[lo:hi])
-
-
-def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int, beta: float, step: int, lr: float,
-                 weight_decay: float, master: Tensor | None = None) -> None:
-    target = param if master is None else master
-    steps = average_steps(voters).to(param.device)
-    for lo, hi in _chunks(param.numel()):
-        direction = reference.scaled_step(steps[_counts(counts, lo, hi)], vote_ema[lo:hi], beta=beta, step=step)
+        direction = directions(lo, hi)
+        if vote_ema is not None:
+            direction = scaled_step(direction, vote_ema[lo:hi], beta=beta, step=step)
         _apply_direction(target[lo:hi], direction, lr, weight_decay)
         if master is not None:
             param[lo:hi].copy_(master[lo:hi])
 
-
-def average_steps(world_size: int) -> Tensor:
-    """Return fp32 (2k - N) / N for k = 0..N, divided on the CPU (a GPU divides by a reciprocal)."""
-    return reference.average_steps(world_size)

@@ -1,13 +1,16 @@
-"""Fused Triton kernels for CUDA tensors, bitwise equal to ``distlion.kernels.reference``.
+"""Fused Triton kernels for CUDA tensors, bitwise equal to the reference backend.
 
-Each public function has the signature of its reference twin (the contract is in
-``distlion/kernels/__init__.py``) and makes one pass over its inputs:
+Implements the ops of ``distlion.kernels.contract`` (plus the helpers ``pack_signs`` and
+``nonfinite``), each in one pass over its inputs:
 
-- ``pack_signs`` reads grad and momentum once and writes the packed sign bytes;
+- the pack ops read grad and momentum once and write the packed sign bytes (and the
+  new momentum, and the non-finite flag);
 - ``majority_vote`` / ``vote_counts`` add N packed rows with a bit-sliced adder on
   32-bit words (32 coordinates per lane), never unpacking a row;
-- ``apply_majority`` / ``apply_average`` unpack the vote inside the update of the
-  fp32 master (or the parameter) and write the rounded parameter in the same pass.
+- ``apply`` unpacks the vote inside the update of the fp32 master (or the parameter)
+  and writes the rounded parameter in the same pass; one kernel whose constexpr flags
+  choose the step direction (a majority's -1/+1, the average's (2k - N) / N, and the
+  scaled step's EMA).
 
 Bitwise equality with torch rests on three choices:
 
@@ -29,23 +32,20 @@ because each program of the interpreter is one round of numpy calls.
 
 from __future__ import annotations
 
-from functools import partial
-
 import os
 import struct
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from distlion.kernels.arithmetic import bias_correction
+from distlion.kernels.contract import OPS
 from distlion.kernels.gather import pack_after_gather
-from distlion.kernels.reference import bias_correction
 
-__all__ = [
-    "pack_signs", "pack_signs_and_check", "pack_signs_and_momentum", "pack_grads_and_momentum", "update_momentum", "nonfinite", "majority_vote", "vote_counts",
-    "apply_majority", "apply_average", "apply_scaled",
-]
+__all__ = [*OPS, "pack_signs", "nonfinite"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -208,6 +208,7 @@ def _pack(grad: Tensor, momentum: Tensor, out: Tensor, flag: Tensor | None, mome
 
 pack_grads_and_momentum = partial(pack_after_gather, pack_signs_and_momentum)
 
+
 @triton.jit
 def _update_momentum_kernel(grad_ptr, mom_ptr, numel, beta2, one_minus_beta2,
                             G_BF16: tl.constexpr, M_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr):
@@ -268,7 +269,6 @@ def nonfinite(grad: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ vote
-
 
 
 @triton.jit
@@ -507,24 +507,7 @@ def vote_counts(packed: Tensor, out: Tensor) -> None:
 
 
 @triton.jit
-def _apply_majority_kernel(target_ptr, param_ptr, vote_ptr, n_bytes, decay, neg_lr,
-                           T_BF16: tl.constexpr, P_BF16: tl.constexpr, HAS_MASTER: tl.constexpr,
-                           BYTES: tl.constexpr):
-    byte, bit = _tile(BYTES)
-    offs = byte[:, None] * 8 + bit[None, :]
-    in_bounds = byte < n_bytes
-    mask = in_bounds[:, None]
-    vote = tl.load(vote_ptr + byte, mask=in_bounds, other=0).to(tl.int32)
-    direction = tl.where(((vote[:, None] >> bit[None, :]) & 1) != 0, 1.0, -1.0)
-    x = _load_f32(target_ptr, offs, mask, T_BF16) * decay  # torch: x.mul(1 - lr*wd), rounded
-    x = tl.fma(direction, neg_lr, x)                         # torch: .add(direction, alpha=-lr)
-    _store_f32(target_ptr, offs, x, mask, T_BF16)
-    if HAS_MASTER:
-        _store_f32(param_ptr, offs, x, mask, P_BF16)
-
-
-@triton.jit
-def _average_step(counts_ptr, byte, bit, in_bounds, n_bytes, world_size, B: tl.constexpr, BYTES: tl.constexpr):
+def _average_step(counts_ptr, byte, bit, in_bounds, n_bytes, voters, B: tl.constexpr, BYTES: tl.constexpr):
     """The average vote's step (2*count - N) / N of a [BYTES, 8] tile, count from B bit-planes."""
     count = tl.zeros([BYTES, 8], dtype=tl.int32)
     plane_ptrs = counts_ptr + byte
@@ -533,20 +516,29 @@ def _average_step(counts_ptr, byte, bit, in_bounds, n_bytes, world_size, B: tl.c
         count += ((plane[:, None] >> bit[None, :]) & 1) << i
         plane_ptrs += n_bytes
     # torch: (2*count - N).float() / N, an IEEE fp32 division; the numerator is exact.
-    return tl.div_rn((2 * count).to(tl.float32) - world_size, world_size)
+    return tl.div_rn((2 * count).to(tl.float32) - voters, voters)
 
 
 @triton.jit
-def _apply_average_kernel(target_ptr, param_ptr, counts_ptr, n_bytes, world_size, decay, neg_lr,
-                          T_BF16: tl.constexpr, P_BF16: tl.constexpr, HAS_MASTER: tl.constexpr,
-                          B: tl.constexpr, BYTES: tl.constexpr):
+def _apply_kernel(target_ptr, param_ptr, ema_ptr, planes_ptr, n_bytes, voters, beta, one_minus_beta, correction,
+                  decay, neg_lr, T_BF16: tl.constexpr, P_BF16: tl.constexpr, HAS_MASTER: tl.constexpr,
+                  MAJORITY: tl.constexpr, SCALED: tl.constexpr, B: tl.constexpr, BYTES: tl.constexpr):
     byte, bit = _tile(BYTES)
     offs = byte[:, None] * 8 + bit[None, :]
     in_bounds = byte < n_bytes
     mask = in_bounds[:, None]
-    direction = _average_step(counts_ptr, byte, bit, in_bounds, n_bytes, world_size, B, BYTES)
-    x = _load_f32(target_ptr, offs, mask, T_BF16) * decay
-    x = tl.fma(direction, neg_lr, x)
+    if MAJORITY:  # one plane, one voter: -1/+1 straight from the bit, no division
+        vote = tl.load(planes_ptr + byte, mask=in_bounds, other=0).to(tl.int32)
+        direction = tl.where(((vote[:, None] >> bit[None, :]) & 1) != 0, 1.0, -1.0)
+    else:
+        direction = _average_step(planes_ptr, byte, bit, in_bounds, n_bytes, voters, B, BYTES)
+    if SCALED:  # torch: ema = (ema * beta).add(s, alpha=1 - beta); step s * h * h, h = ema * correction
+        ema = tl.fma(direction, one_minus_beta, tl.load(ema_ptr + offs, mask=mask, other=0.0) * beta)
+        tl.store(ema_ptr + offs, ema, mask=mask)
+        unbiased = ema * correction
+        direction = (direction * unbiased) * unbiased
+    x = _load_f32(target_ptr, offs, mask, T_BF16) * decay  # torch: x.mul(1 - lr*wd), rounded
+    x = tl.fma(direction, neg_lr, x)                         # torch: .add(direction, alpha=-lr)
     _store_f32(target_ptr, offs, x, mask, T_BF16)
     if HAS_MASTER:
         _store_f32(param_ptr, offs, x, mask, P_BF16)
@@ -567,78 +559,28 @@ def _apply_operands(param: Tensor, master: Tensor | None) -> tuple[Tensor, Tenso
         "T_BF16": False, "P_BF16": param.dtype == _BF16, "HAS_MASTER": True}
 
 
-def _check_counts(counts: Tensor, n_bytes: int, voters: int, name: str) -> None:
-    """Check vote-count bit-planes [B, n_bytes] and the number of voters they count (argument ``name``)."""
-    if counts.dim() != 2:
-        raise ValueError(f"counts must be [B, C], got shape {tuple(counts.shape)}")
-    _check_bytes("counts", counts, (counts.shape[0], n_bytes))
+def apply(param: Tensor, planes: Tensor, *, voters: int, lr: float, weight_decay: float,
+          master: Tensor | None = None, vote_ema: Tensor | None = None, beta: float = 0.0, step: int = 1) -> None:
+    """Apply the voted step (see ``distlion.kernels.contract``) to master (or param) and param, in one pass."""
+    target, out, flags = _apply_operands(param, master)
+    n_bytes = param.numel() // 8
+    if planes.dim() != 2:
+        raise ValueError(f"planes must be [P, C], got shape {tuple(planes.shape)}")
+    _check_bytes("planes", planes, (planes.shape[0], n_bytes))
     if not 1 <= voters < 1 << 24:  # 2*count - N must be exact in fp32
-        raise ValueError(f"{name} must be in [1, 2**24), got {voters}")
-
-
-def apply_majority(param: Tensor, vote: Tensor, *, lr: float, weight_decay: float,
-                   master: Tensor | None = None) -> None:
-    """Apply x <- x*(1 - lr*wd) - lr*sign(vote) to master (or param), then round into param."""
-    target, out, flags = _apply_operands(param, master)
-    n_bytes = param.numel() // 8
-    _check_bytes("vote", vote, (n_bytes,))
+        raise ValueError(f"voters must be in [1, 2**24), got {voters}")
+    if vote_ema is not None:
+        _check_flat("vote_ema", vote_ema, param.numel())
+        if vote_ema.dtype != torch.float32:
+            raise ValueError(f"vote_ema must be float32, got {vote_ema.dtype}")
     if n_bytes == 0:
         return
+    scaled = vote_ema is not None
     bytes_per_program = BLOCK // 8
     grid = (triton.cdiv(n_bytes, bytes_per_program),)
-    _apply_majority_kernel[grid](
-        target, out, vote.view(-1), n_bytes, _f32(1.0 - lr * weight_decay), _f32(-lr),
-        **flags, BYTES=bytes_per_program, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    _apply_kernel[grid](
+        target, out, vote_ema if scaled else target, planes, n_bytes, float(voters), _f32(beta), _f32(1.0 - beta),
+        _f32(bias_correction(beta, step)) if scaled else 1.0, _f32(1.0 - lr * weight_decay), _f32(-lr), **flags,
+        MAJORITY=voters == 1 and planes.shape[0] == 1, SCALED=scaled, B=planes.shape[0], BYTES=bytes_per_program,
+        num_warps=NUM_WARPS, enable_fp_fusion=False)
 
-
-def apply_average(param: Tensor, counts: Tensor, *, world_size: int, lr: float, weight_decay: float,
-                  master: Tensor | None = None) -> None:
-    """Apply x <- x*(1 - lr*wd) - lr*(2*count - N)/N to master (or param), then round into param."""
-    target, out, flags = _apply_operands(param, master)
-    n_bytes = param.numel() // 8
-    _check_counts(counts, n_bytes, world_size, "world_size")
-    if n_bytes == 0:
-        return
-    bytes_per_program = BLOCK // 8
-    grid = (triton.cdiv(n_bytes, bytes_per_program),)
-    _apply_average_kernel[grid](
-        target, out, counts, n_bytes, float(world_size), _f32(1.0 - lr * weight_decay), _f32(-lr),
-        **flags, B=counts.shape[0], BYTES=bytes_per_program, num_warps=NUM_WARPS, enable_fp_fusion=False)
-
-
-@triton.jit
-def _apply_scaled_kernel(target_ptr, param_ptr, ema_ptr, counts_ptr, n_bytes, voters, beta, one_minus_beta,
-                         correction, decay, neg_lr, T_BF16: tl.constexpr, P_BF16: tl.constexpr,
-                         HAS_MASTER: tl.constexpr, B: tl.constexpr, BYTES: tl.constexpr):
-    byte, bit = _tile(BYTES)
-    offs = byte[:, None] * 8 + bit[None, :]
-    in_bounds = byte < n_bytes
-    mask = in_bounds[:, None]
-    vote = _average_step(counts_ptr, byte, bit, in_bounds, n_bytes, voters, B, BYTES)
-    ema = tl.fma(vote, one_minus_beta, tl.load(ema_ptr + offs, mask=mask, other=0.0) * beta)
-    tl.store(ema_ptr + offs, ema, mask=mask)
-    unbiased = ema * correction
-    x = _load_f32(target_ptr, offs, mask, T_BF16) * decay
-    x = tl.fma((vote * unbiased) * unbiased, neg_lr, x)
-    _store_f32(target_ptr, offs, x, mask, T_BF16)
-    if HAS_MASTER:
-        _store_f32(param_ptr, offs, x, mask, P_BF16)
-
-
-def apply_scaled(param: Tensor, counts: Tensor, vote_ema: Tensor, *, voters: int, beta: float, step: int, lr: float,
-                 weight_decay: float, master: Tensor | None = None) -> None:
-    """The scaled step (see the contract in ``distlion.kernels``) in one pass."""
-    target, out, flags = _apply_operands(param, master)
-    n_bytes = param.numel() // 8
-    _check_counts(counts, n_bytes, voters, "voters")
-    _check_flat("vote_ema", vote_ema, param.numel())
-    if vote_ema.dtype != torch.float32:
-        raise ValueError(f"vote_ema must be float32, got {vote_ema.dtype}")
-    if n_bytes == 0:
-        return
-    bytes_per_program = BLOCK // 8
-    grid = (triton.cdiv(n_bytes, bytes_per_program),)
-    _apply_scaled_kernel[grid](
-        target, out, vote_ema, counts, n_bytes, float(voters), _f32(beta), _f32(1.0 - beta),
-        _f32(bias_correction(beta, step)), _f32(1.0 - lr * weight_decay), _f32(-lr),
-        **flags, B=counts.shape[0], BYTES=bytes_per_program, num_warps=NUM_WARPS, enable_fp_fusion=False)

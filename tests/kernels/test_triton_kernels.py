@@ -7,7 +7,7 @@ module is reloaded if something imported it earlier without the switch).
 
 The oracle always runs on CPU copies: it is the contract's arithmetic. (On CUDA,
 torch divides by a Python scalar as a multiply by its fp32 reciprocal, so the
-reference run on CUDA tensors is not the contract for ``apply_average`` with N >= 6.)
+reference run on CUDA tensors is not the contract for ``apply`` of an average vote with N >= 6.)
 
 Inputs are chosen so that a near miss fails: momenta that cancel the gradient up to
 the rounding of one product (an unfused ``mul`` + ``add`` flips those signs), values
@@ -205,7 +205,6 @@ def test_nonfinite(block, dtype):
     assert not triton_kernels.nonfinite(torch.empty(0, dtype=dtype, device=DEVICE)).item()
 
 
-
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
 def test_pack_signs_and_check(block, dtype):
     d = SIZES[0]
@@ -259,6 +258,7 @@ def test_pack_grads_and_momentum(block):
     assert_bitwise(bits, expected_bits)
     assert_bitwise(scratch, expected_momentum)
     assert not flag.item()
+
 
 def _pack(bits: torch.Tensor) -> torch.Tensor:
     """Pack bools [..., 8k] into bytes, bit j of byte k = coordinate 8k + j."""
@@ -353,60 +353,51 @@ def test_vote_counts_many_rows():
 PARAMS = [(F32, False), (BF16, True), (F16, True), (BF16, False)]
 
 
-def _run_apply(kernel_name: str, param_dtype, with_master: bool, vote: torch.Tensor, **kwargs) -> None:
-    """Apply a vote with the Triton kernel and the reference; compare param and master."""
-    d = vote.shape[-1] * 8
+def _run_apply(param_dtype, with_master: bool, planes: torch.Tensor, *, voters: int, lr: float,
+               weight_decay: float, scaled: bool = False) -> None:
+    """Apply a vote with the Triton kernel and the reference; compare param, master and the vote EMA."""
+    d = planes.shape[-1] * 8
     # Values on the scale of lr, where the last bits of the step survive the rounding.
-    master = _values(d, F32, 9, scale=kwargs["lr"]) if with_master else None
-    param = master.to(param_dtype) if with_master else _values(d, param_dtype, 9, scale=kwargs["lr"])
-    actual_param = dev(param)
-    actual_master = dev(master) if with_master else None
-    getattr(triton_kernels, kernel_name)(actual_param, dev(vote), master=actual_master, **kwargs)
-    getattr(reference, kernel_name)(param, vote, master=master, **kwargs)
-    assert_bitwise(actual_param, param)
-    if with_master:
-        assert_bitwise(actual_master, master)
-
-
-@pytest.mark.parametrize("param_dtype,with_master", PARAMS)
-@pytest.mark.parametrize("lr,weight_decay", [(1e-3, 0.1), (3e-4, 0.0)])
-def test_apply_majority(block, param_dtype, with_master, lr, weight_decay):
-    vote = _packed_rows(1, SIZES[0] // 8, 20)[0]
-    _run_apply("apply_majority", param_dtype, with_master, vote, lr=lr, weight_decay=weight_decay)
-
-
-@pytest.mark.parametrize("param_dtype,with_master", PARAMS)
-@pytest.mark.parametrize("voters", [1, 4, 7])
-def test_apply_scaled(block, param_dtype, with_master, voters):
-    planes = max(1, voters.bit_length())
-    counts = _packed_rows(planes, SIZES[0] // 8, 21)
-    if voters > 1:
-        counts[-1] &= 0  # counts <= N
-    d = SIZES[0]
-    master = _values(d, F32, 9, scale=1e-3) if with_master else None
-    param = master.to(param_dtype) if with_master else _values(d, param_dtype, 9, scale=1e-3)
-    ema = _values(d, F32, 10, scale=0.5)
-    got = [dev(param), dev(master) if with_master else None, dev(ema)]
-    triton_kernels.apply_scaled(got[0], dev(counts), got[2], voters=voters, beta=0.9, step=3, lr=1e-3,
-                                weight_decay=0.1, master=got[1])
-    reference.apply_scaled(param, counts, ema, voters=voters, beta=0.9, step=3, lr=1e-3, weight_decay=0.1,
-                           master=master)
+    master = _values(d, F32, 9, scale=lr) if with_master else None
+    param = master.to(param_dtype) if with_master else _values(d, param_dtype, 9, scale=lr)
+    ema = _values(d, F32, 10, scale=0.5) if scaled else None
+    got = [dev(param), dev(master) if with_master else None, dev(ema) if scaled else None]
+    triton_kernels.apply(got[0], dev(planes), voters=voters, lr=lr, weight_decay=weight_decay, master=got[1],
+                         vote_ema=got[2], beta=0.9, step=3)
+    reference.apply(param, planes, voters=voters, lr=lr, weight_decay=weight_decay, master=master, vote_ema=ema,
+                    beta=0.9, step=3)
     for actual, expected in zip(got, (param, master, ema)):
         if expected is not None:
             assert_bitwise(actual, expected)
 
 
+@pytest.mark.parametrize("param_dtype,with_master", PARAMS)
+@pytest.mark.parametrize("lr,weight_decay", [(1e-3, 0.1), (3e-4, 0.0)])
+def test_apply_majority(block, param_dtype, with_master, lr, weight_decay):
+    planes = _packed_rows(1, SIZES[0] // 8, 20)
+    _run_apply(param_dtype, with_master, planes, voters=1, lr=lr, weight_decay=weight_decay)
+
+
+@pytest.mark.parametrize("param_dtype,with_master", PARAMS)
+@pytest.mark.parametrize("voters", [1, 4, 7])
+def test_apply_scaled(block, param_dtype, with_master, voters):
+    planes = _packed_rows(max(1, voters.bit_length()), SIZES[0] // 8, 21)
+    if voters > 1:
+        planes[-1] &= 0  # counts <= N
+    _run_apply(param_dtype, with_master, planes, voters=voters, lr=1e-3, weight_decay=0.1, scaled=True)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # numpy's fp16 cast, on purpose
 @pytest.mark.parametrize("param_dtype", [BF16, F16])
-def test_apply_majority_rounds_master_like_torch(param_dtype):
+def test_apply_rounds_master_like_torch(param_dtype):
     # lr = 0 leaves the master unchanged, so param = round(master) is all that is tested.
     d = 1024
     master = _rounding_cases(d)  # no NaN: a GPU fma returns the canonical NaN, not the input's
     param = torch.zeros(d, dtype=param_dtype)
-    vote = torch.zeros(d // 8, dtype=torch.uint8)
+    vote = torch.zeros(1, d // 8, dtype=torch.uint8)
     actual_param, actual_master = dev(param), dev(master)
-    triton_kernels.apply_majority(actual_param, dev(vote), lr=0.0, weight_decay=0.0, master=actual_master)
-    reference.apply_majority(param, vote, lr=0.0, weight_decay=0.0, master=master)
+    triton_kernels.apply(actual_param, dev(vote), voters=1, lr=0.0, weight_decay=0.0, master=actual_master)
+    reference.apply(param, vote, voters=1, lr=0.0, weight_decay=0.0, master=master)
     assert_bitwise(actual_param, param)
     assert_bitwise(actual_master, master)
 
@@ -417,8 +408,7 @@ def test_apply_average(block, world_size):
     counts = torch.empty(world_size.bit_length(), cols, dtype=torch.uint8)
     reference.vote_counts(_packed_rows(world_size, cols, 30 + world_size), counts)
     for param_dtype, with_master in PARAMS if world_size in (3, 6, 7) else PARAMS[:2]:
-        _run_apply("apply_average", param_dtype, with_master, counts, world_size=world_size,
-                   lr=1e-3, weight_decay=0.1)
+        _run_apply(param_dtype, with_master, counts, voters=world_size, lr=1e-3, weight_decay=0.1)
 
 
 def test_errors_name_the_bad_value():
@@ -431,9 +421,15 @@ def test_errors_name_the_bad_value():
     grad = torch.zeros(128, device=DEVICE)
     with pytest.raises(ValueError, match=r"out must be contiguous uint8 with shape \(16,\)"):
         triton_kernels.pack_signs(grad, grad, torch.empty(8, dtype=torch.uint8, device=DEVICE), beta1=0.9, parity=0)
+    votes = torch.zeros(1, 16, dtype=torch.uint8, device=DEVICE)
     with pytest.raises(ValueError, match="master must be float32, got torch.bfloat16"):
-        triton_kernels.apply_majority(grad.bfloat16(), torch.zeros(16, dtype=torch.uint8, device=DEVICE),
-                                      lr=1e-3, weight_decay=0.0, master=grad.bfloat16())
+        triton_kernels.apply(grad.bfloat16(), votes, voters=1, lr=1e-3, weight_decay=0.0, master=grad.bfloat16())
+    with pytest.raises(ValueError, match=r"planes must be \[P, C\], got shape \(16,\)"):
+        triton_kernels.apply(grad, votes[0], voters=1, lr=1e-3, weight_decay=0.0)
+    with pytest.raises(ValueError, match="voters must be in .*got 0"):
+        triton_kernels.apply(grad, votes, voters=0, lr=1e-3, weight_decay=0.0)
+    with pytest.raises(ValueError, match="vote_ema must be float32, got torch.bfloat16"):
+        triton_kernels.apply(grad, votes, voters=1, lr=1e-3, weight_decay=0.0, vote_ema=grad.bfloat16(), beta=0.9)
 
 
 # Compiles each kernel for real GPUs with Triton's bundled ptxas, in a process without
@@ -452,8 +448,9 @@ def compile_ptx(kernel, signature, constexprs, arch):
     options = {"num_warps": 4, "enable_fp_fusion": False}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
 
-apply_sig = {"target_ptr": "*fp32", "param_ptr": "*i16", "counts_ptr": "*u8", "vote_ptr": "*u8", "n_bytes": "i32",
-             "world_size": "fp32", "decay": "fp32", "neg_lr": "fp32"}
+apply_sig = {"target_ptr": "*fp32", "param_ptr": "*i16", "ema_ptr": "*fp32", "planes_ptr": "*u8", "n_bytes": "i32",
+             "voters": "fp32", "beta": "fp32", "one_minus_beta": "fp32", "correction": "fp32", "decay": "fp32",
+             "neg_lr": "fp32"}
 apply_flags = {"T_BF16": False, "P_BF16": True, "HAS_MASTER": True, "BYTES": 512}
 cases = [
     (T._pack_signs_kernel, {"grad_ptr": "*i16", "mom_ptr": "*fp32", "out_ptr": "*u8", "n_bytes": "i32",
@@ -470,14 +467,12 @@ cases = [
      {"N": 1000, "P": 10, "HALF": 500, "BW": 1024}, []),
     (T._vote_counts_kernel, {"packed_ptr": "*i32", "out_ptr": "*i32", "n_words": "i32"},
      {"N": 5, "P": 3, "B": 5, "BW": 1024}, []),
-    (T._apply_majority_kernel, {k: v for k, v in apply_sig.items() if k not in ("counts_ptr", "world_size")},
-     apply_flags, [r"fma\.rn\.f32"]),
-    (T._apply_average_kernel, {k: v for k, v in apply_sig.items() if k != "vote_ptr"},
-     {**apply_flags, "B": 3}, [r"fma\.rn\.f32", r"div\.rn\.f32"]),
-    (T._apply_scaled_kernel, {"target_ptr": "*fp32", "param_ptr": "*i16", "ema_ptr": "*fp32", "counts_ptr": "*u8",
-                              "n_bytes": "i32", "voters": "fp32", "beta": "fp32", "one_minus_beta": "fp32",
-                              "correction": "fp32", "decay": "fp32", "neg_lr": "fp32"},
-     {**apply_flags, "B": 1}, [r"fma\.rn\.f32", r"div\.rn\.f32"]),
+    (T._apply_kernel, apply_sig, {**apply_flags, "MAJORITY": True, "SCALED": False, "B": 1}, [r"fma\.rn\.f32"]),
+    (T._apply_kernel, apply_sig, {**apply_flags, "MAJORITY": True, "SCALED": True, "B": 1}, [r"fma\.rn\.f32"]),
+    (T._apply_kernel, apply_sig, {**apply_flags, "MAJORITY": False, "SCALED": False, "B": 3},
+     [r"fma\.rn\.f32", r"div\.rn\.f32"]),
+    (T._apply_kernel, apply_sig, {**apply_flags, "MAJORITY": False, "SCALED": True, "B": 3},
+     [r"fma\.rn\.f32", r"div\.rn\.f32"]),
 ]
 for arch in (80, 90):
     for kernel, signature, constexprs, wanted in cases:
@@ -505,4 +500,4 @@ def test_kernels_compile_for_gpus():
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=110, cwd=root)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 18" in result.stdout
+    assert "compiled 20" in result.stdout

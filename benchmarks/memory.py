@@ -1,0 +1,313 @@
+"""Optimizer memory per rank: DistLion (flat and node-level) against AdamW + DDP and ZeRO-1.
+
+N gloo ranks on loopback (CPU) train a GPT for a few steps; every rank reports:
+
+- optimizer bytes: the nbytes of every tensor storage reachable from the optimizer
+  object (its attributes, lists, dicts and dataclasses, each storage counted once),
+  except the model's parameters, listed by kind. For DistLion that is the momentum,
+  fp32 master weights (bf16 parameters), vote EMA (``vote_ema_beta``), and the scratch it
+  allocates once: the chunk gradient buffer (the momentum's swap partner), the
+  whole-bucket gradient buffer of the intra-node reduce-scatter (``ranks_per_node`` > 1,
+  in ``reduce_dtype``, fp32 by default), the packed signs and the exchange's send and
+  receive buffers. For AdamW: exp_avg, exp_avg_sq and step; with bf16 parameters also the
+  fp32 master weights and their fp32 gradients. For ZeRO-1 (torch's
+  ``ZeroRedundancyOptimizer``): the same for this rank's shard of the parameters.
+  *State* is what a checkpoint must keep (momentum, exp_avg, exp_avg_sq, step, master,
+  vote EMA); *scratch* is the rest.
+- peak RSS (VmHWM) after a few steps, and its increase over the model-only baseline
+  (the same model after forward and backward passes, gradients held, no optimizer):
+  that increase also holds what the byte count cannot see, such as DDP's gradient
+  buckets and the kernels' workspaces.
+
+bf16 runs cast the model to bf16; DistLion keeps fp32 master weights
+(``master_weights=True``), and AdamW gets fp32 masters and fp32 gradient copies (mixed
+precision as DeepSpeed runs it). torch's ZeRO-1 shards AdamW's moments only: the masters
+it steps are replicated on every rank (DeepSpeed's ZeRO-1 also shards them).
+
+The recorded run starts fresh processes for each configuration; ``--smoke`` measures
+every configuration in one launch, resetting the peak RSS between them. glibc's mmap
+threshold is fixed (``MALLOC_MMAP_THRESHOLD_``) so freed buffers go back to the system::
+
+    python -m benchmarks.memory                  # 24.2M params, 4 ranks (~5 min)
+    python -m benchmarks.memory --smoke          # tiny model, 2 ranks, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from benchmarks import harness
+from distlion import DistLion
+from launch.model import GPT, GPTConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STATE_KINDS = ("momentum", "exp_avg", "exp_avg_sq", "step", "master", "vote_ema")
+MMAP_THRESHOLD = 1 << 16  # bytes; fixed, so glibc returns freed buffers instead of raising the threshold
+# Objects whose attributes the byte count walks; anything else (process groups, modules) is opaque.
+_WALKED_MODULES = ("distlion", "torch.optim", "torch.distributed.optim", "benchmarks")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One optimizer configuration: DistLion with ``ranks_per_node`` or an AdamW baseline."""
+
+    name: str
+    optimizer: str  # "distlion", "adamw_ddp" or "adamw_zero1_ddp"
+    ranks_per_node: int = 1
+    vote_ema_beta: float | None = None
+
+
+def setups(world_size: int) -> list[Setup]:
+    """DistLion at every G dividing N from {1, 2, 4}, with and without the vote EMA; then the baselines."""
+    found = []
+    for g in (1, 2, 4):
+        if world_size % g == 0:
+            found += [Setup(f"distlion_g{g}", "distlion", g), Setup(f"distlion_g{g}_ema", "distlion", g, 0.9)]
+    return found + [Setup("adamw_ddp", "adamw_ddp"), Setup("adamw_zero1_ddp", "adamw_zero1_ddp")]
+
+
+# ------------------------------------------------------------------------ byte counting
+
+def held_bytes(root: Any, excluded: set[int]) -> dict[str, int]:
+    """Sum the storage bytes of every tensor reachable from ``root``, by kind (the attribute or key name).
+
+    Each storage counts once, under the first name it is reached by; storages whose
+    data_ptr is in ``excluded`` (the model's parameters) are skipped. An attribute named
+    ``state`` is walked last, so buffers are named by their owner rather than by the
+    per-parameter views into them.
+    """
+    kinds: dict[str, int] = {}
+    seen_storages, seen_objects = set(excluded), set()
+
+    def visit(obj: Any, kind: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen_storages and storage.nbytes() > 0:
+                seen_storages.add(storage.data_ptr())
+                kinds[kind] = kinds.get(kind, 0) + storage.nbytes()
+            return
+        if id(obj) in seen_objects:
+            return
+        seen_objects.add(id(obj))
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                visit(value, key.lstrip("_") if isinstance(key, str) else kind)
+        elif isinstance(obj, (list, tuple, set)):
+            for value in obj:
+                visit(value, kind)
+        elif type(obj).__module__.startswith(_WALKED_MODULES) and hasattr(obj, "__dict__"):
+            fields = sorted(vars(obj).items(), key=lambda item: item[0] == "state")
+            for name, value in fields:
+                visit(value, name.lstrip("_"))
+
+    visit(root, "optimizer")
+    return kinds
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Set VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+# ------------------------------------------------------------------------ baselines' masters
+
+@dataclass
+class MasterAdamW:
+    """AdamW (or ZeRO-1 AdamW) over fp32 copies of bf16 parameters: fp32 gradients in, bf16 parameters out."""
+
+    params: list[torch.Tensor]
+    masters: list[torch.Tensor]
+    master_grads: list[torch.Tensor]
+    optimizer: Any
+
+    def step(self) -> None:
+        for param, grad in zip(self.params, self.master_grads):
+            grad.copy_(param.grad)
+        self.optimizer.step()
+        with torch.no_grad():
+            for param, master in zip(self.params, self.masters):
+                param.copy_(master)
+
+
+def build_optimizer(setup: Setup, model: torch.nn.Module) -> tuple[Any, Callable[[], None], torch.nn.Module]:
+    """Return (the object whose bytes are counted, its step, the module to run forward through)."""
+    if setup.optimizer == "distlion":
+        optimizer = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1, ranks_per_node=setup.ranks_per_node,
+                             vote_ema_beta=setup.vote_ema_beta)
+        return optimizer, optimizer.step, model
+    ddp = DDP(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    low_precision = params[0].dtype != torch.float32
+    targets = [p.detach().float().requires_grad_() for p in params] if low_precision else params
+    if setup.optimizer == "adamw_zero1_ddp":
+        inner = ZeroRedundancyOptimizer(targets, optimizer_class=torch.optim.AdamW, lr=1e-4, weight_decay=0.01,
+                                        foreach=True)
+    else:
+        inner = torch.optim.AdamW(targets, lr=1e-4, weight_decay=0.01, foreach=True)
+    if not low_precision:
+        return inner, inner.step, ddp
+    for master in targets:
+        master.grad = torch.zeros_like(master)
+    wrapped = MasterAdamW(params, targets, [m.grad for m in targets], inner)
+    return wrapped, wrapped.step, ddp
+
+
+# ------------------------------------------------------------------------------ workers
+
+def measure(setup: Setup, config: GPTConfig, dtype: torch.dtype, batch, steps: int) -> dict:
+    """Peak RSS before and after the optimizer and its bytes by kind, for this rank."""
+    gc.collect()
+    dist.barrier()
+    _reset_peak_rss()
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = GPT(config).to(dtype)
+    for _ in range(steps):
+        model(*batch)[1].backward()
+    baseline = _peak_rss_bytes()
+    optimizer, step, forward = build_optimizer(setup, model)
+    for _ in range(steps):
+        forward(*batch)[1].backward()
+        step()
+        model.zero_grad(set_to_none=False)
+    peak = _peak_rss_bytes()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kinds = held_bytes(optimizer, parameters)
+    del optimizer, step, forward, model
+    gc.collect()
+    return {"baseline_rss": baseline, "peak_rss": peak, "bytes_by_kind": kinds}
+
+
+def worker(args: argparse.Namespace) -> None:
+    rank, world_size = harness.join_group()
+    config = harness.MODEL_SIZES[args.size]
+    batch = harness.make_batch(config, args.batch_size, args.seq_len, rank)
+    by_name = {s.name: s for s in setups(world_size)}
+    results = []
+    for name in args.setups:
+        for dtype_name in args.dtypes:
+            mine = measure(by_name[name], config, DTYPES[dtype_name], batch, args.steps)
+            every_rank = [None] * world_size
+            dist.all_gather_object(every_rank, mine)
+            results.append({"setup": name, "dtype": dtype_name, "ranks": every_rank})
+    harness.finish_worker(args.result, {"results": results})
+
+
+# ------------------------------------------------------------------------ orchestration
+
+def summarize(setup: Setup, dtype: str, ranks: list[dict], num_parameters: int) -> dict:
+    """Per-rank bytes per parameter (the largest rank's, and the mean) and RSS, from every rank's report."""
+    def per_param(value: float) -> float:
+        return value / num_parameters
+
+    state = [sum(v for k, v in r["bytes_by_kind"].items() if k in STATE_KINDS) for r in ranks]
+    total = [sum(r["bytes_by_kind"].values()) for r in ranks]
+    increase = [r["peak_rss"] - r["baseline_rss"] for r in ranks]
+    kinds = sorted({k for r in ranks for k in r["bytes_by_kind"]})
+    return {"setup": setup.name, "optimizer": setup.optimizer, "dtype": dtype, "ranks_per_node": setup.ranks_per_node,
+            "vote_ema_beta": setup.vote_ema_beta,
+            "state_bytes_per_param": per_param(max(state)), "state_bytes_per_param_mean": per_param(sum(state) / len(state)),
+            "scratch_bytes_per_param": per_param(max(t - s for t, s in zip(total, state))),
+            "optimizer_bytes_per_param": per_param(max(total)),
+            "optimizer_bytes_per_param_mean": per_param(sum(total) / len(total)),
+            "bytes_per_param_by_kind": {k: per_param(max(r["bytes_by_kind"].get(k, 0) for r in ranks)) for k in kinds},
+            "peak_rss_mib": max(r["peak_rss"] for r in ranks) / 2**20,
+            "baseline_rss_mib": max(r["baseline_rss"] for r in ranks) / 2**20,
+            "rss_increase_mib": max(increase) / 2**20, "rss_increase_bytes_per_param": per_param(max(increase)),
+            "per_rank": ranks}
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'setup':18s} {'dtype':5s} {'state':>6} {'scratch':>8} {'total':>6} {'peak RSS':>9} {'RSS +':>7} "
+          f"{'RSS +':>6}")
+    print(f"{'':18s} {'':5s} {'B/par':>6} {'B/par':>8} {'B/par':>6} {'MiB':>9} {'MiB':>7} {'B/par':>6}")
+    for r in rows:
+        print(f"{r['setup']:18s} {r['dtype']:5s} {r['state_bytes_per_param']:6.2f} {r['scratch_bytes_per_param']:8.2f} "
+              f"{r['optimizer_bytes_per_param']:6.2f} {r['peak_rss_mib']:9.1f} {r['rss_increase_mib']:7.1f} "
+              f"{r['rss_increase_bytes_per_param']:6.2f}")
+    print("\nbytes per parameter by kind (largest rank):")
+    for r in rows:
+        kinds = ", ".join(f"{k} {v:.3g}" for k, v in r["bytes_per_param_by_kind"].items() if v > 0)
+        print(f"  {r['setup']:18s} {r['dtype']:5s} {kinds}")
+
+
+def target_check(rows: list[dict]) -> dict:
+    """DistLion's optimizer bytes per rank against AdamW + ZeRO-1's, per dtype (the issue's target: <=)."""
+    checks = {}
+    for dtype in sorted({r["dtype"] for r in rows}):
+        picked = {r["setup"]: r for r in rows if r["dtype"] == dtype}
+        zero = picked.get("adamw_zero1_ddp")
+        if zero is None:
+            continue
+        checks[dtype] = {name: {"optimizer_bytes_per_param": r["optimizer_bytes_per_param"],
+                                "state_bytes_per_param": r["state_bytes_per_param"],
+                                "total_at_most_zero1": r["optimizer_bytes_per_param"]
+                                <= zero["optimizer_bytes_per_param"],
+                                "state_at_most_zero1": r["state_bytes_per_param"] <= zero["state_bytes_per_param"]}
+                         for name, r in picked.items() if r["optimizer"] == "distlion"}
+    return checks
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    harness.add_loopback_workload_arguments(parser)
+    parser.add_argument("--steps", type=harness.positive_int, default=3, help="steps before the peak is read")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--setups", nargs="+", default=None, help="configurations (default: all that fit N)")
+    harness.add_common_arguments(parser)
+    parser.set_defaults(size="medium")
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.smoke:
+        args.size, args.world_size, args.steps = "tiny", 2, 2
+    known = {s.name: s for s in setups(args.world_size)}
+    chosen = args.setups or list(known)
+    unknown = [name for name in chosen if name not in known]
+    if unknown:
+        parser.error(f"--setups {unknown}: with --world_size {args.world_size} use some of {list(known)}")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)  # inherited by the workers
+    worker_args = ["--size", args.size, "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
+                   "--steps", str(args.steps), "--dtypes", *args.dtypes]
+    # Smoke: one launch for everything; recorded run: fresh processes for each configuration.
+    launches = [chosen] if args.smoke else [[name] for name in chosen]
+    measured = []
+    for names in launches:
+        measured += harness.launch_local(__spec__.name, [*worker_args, "--setups", *names], args.world_size,
+                                         timeout=900)["results"]
+    config = harness.MODEL_SIZES[args.size]
+    num_parameters = config.num_parameters
+    rows = [summarize(known[m["setup"]], m["dtype"], m["ranks"], num_parameters) for m in measured]
+    rows.sort(key=lambda r: (args.dtypes.index(r["dtype"]), chosen.index(r["setup"])))
+    print_table(rows, f"{args.world_size} gloo ranks, GPT of {num_parameters:,} parameters; bytes per parameter "
+                      f"per rank (largest rank), peak RSS and its increase over the model alone")
+    checks = target_check(rows)
+    for dtype, check in checks.items():
+        met = [name for name, c in check.items() if c["total_at_most_zero1"]]
+        print(f"{dtype}: optimizer bytes <= AdamW + ZeRO-1's: {', '.join(met) or 'none'}")
+    payload = {"world_size": args.world_size, "size": args.size, "num_parameters": num_parameters,
+               "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+               "fresh_process_per_setup": not args.smoke, "malloc_mmap_threshold": MMAP_THRESHOLD,
+               "state_kinds": list(STATE_KINDS), "rows": rows, "target_vs_zero1": checks}
+    harness.write_results("memory", payload, args.out, args.smoke)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

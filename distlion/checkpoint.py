@@ -1,0 +1,170 @@
+"""Per-rank optimizer state files: their names, what a directory holds, loading on every rank.
+
+DistLion's momentum differs on every rank, so every rank saves and loads a file of its
+own. Both adapters (``distlion.accelerate``, ``distlion.deepspeed``) keep them here, named
+
+    distlion_optimizer{index}_rank{rank}_of_{world_size}.pt
+
+``index`` numbers the job's DistLion optimizers (0 for the first); ``rank`` and
+``world_size`` are the optimizer's own (its process group's), so a directory listing says
+which run wrote it. A file holds the optimizer's ``state_dict()`` (or its wrapper's) with
+a ``"distlion"`` section that records the saving run's topology (``TOPOLOGY_FIELDS``).
+
+Loading checks that topology against this run's before anything is applied and names
+every field that differs, the sizes on both sides and the fix. ``fail_together`` shares
+a failure on one rank (a missing, unreadable or mismatched file) with every rank through
+one collective, so every rank raises instead of some waiting for the others forever.
+DistLion's own ``load_state_dict`` checks the rest (layout, vote, param groups).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from distlion.optim import DistLion
+
+STATE_FILE = "distlion_optimizer{index}_rank{rank}_of_{world_size}.pt"
+STATE_FILE_PATTERN = re.compile(r"^distlion_optimizer(\d+)_rank(\d+)_of_(\d+)\.pt$")
+# What a file must share with the run that loads it. Momentum is per rank and cannot be re-split.
+TOPOLOGY_FIELDS = ("world_size", "ranks_per_node", "rank")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StateFile:
+    """One rank's state file, as its name describes it."""
+
+    index: int
+    rank: int
+    world_size: int
+
+    @property
+    def name(self) -> str:
+        return state_file_name(self.rank, self.world_size, self.index)
+
+
+def state_file_name(rank: int, world_size: int, index: int = 0) -> str:
+    """Return the name of the file that rank ``rank`` of ``world_size`` saves optimizer ``index`` in."""
+    return STATE_FILE.format(index=index, rank=rank, world_size=world_size)
+
+
+def find_state_files(directory: str) -> list[StateFile]:
+    """Return the per-rank state files in ``directory`` (none when it does not exist), sorted."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    found = [StateFile(*map(int, match.groups())) for match in map(STATE_FILE_PATTERN.match, names) if match]
+    return sorted(found, key=lambda f: (f.index, f.world_size, f.rank))
+
+
+def topology(optimizer: DistLion) -> dict[str, int]:
+    """Return this run's ``TOPOLOGY_FIELDS`` as seen by ``optimizer``."""
+    return {field: getattr(optimizer, field) for field in TOPOLOGY_FIELDS}
+
+
+def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """Name every topology field that differs: ``"world size 2, but this run has world size 3"``, or None."""
+    fields = [field for field in TOPOLOGY_FIELDS if field in saved and saved[field] != current[field]]
+    if not fields:
+        return None
+
+    def values(of: Mapping[str, Any]) -> str:
+        return " and ".join(f"{field.replace('_', ' ')} {of[field]}" for field in fields)
+
+    return f"{values(saved)}, but this run has {values(current)}"
+
+
+def save_state(state: dict, directory: str, optimizer: DistLion, index: int = 0) -> str:
+    """Write this rank's ``state`` (``optimizer.state_dict()`` or its wrapper's) to its file; return the path.
+
+    A wrapper's state (DeepSpeed's fp16/bf16 optimizers) nests DistLion's: the file then
+    gets a ``"distlion"`` section of its own with this run's topology.
+    """
+    if "distlion" not in state:
+        state = {**state, "distlion": topology(optimizer)}
+    path = os.path.join(directory, state_file_name(optimizer.rank, optimizer.world_size, index))
+    os.makedirs(directory, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def load_state(directory: str, optimizer: DistLion, index: int = 0, *, fix: str, missing: str) -> dict:
+    """Read this rank's state file from ``directory`` and check it was saved by a run like this one.
+
+    Args:
+        directory: where ``save_state`` wrote the files.
+        optimizer: this rank's DistLion (its rank and world size pick the file).
+        index: which of the job's DistLion optimizers.
+        fix: what to do when the topology differs; ``{world_size}`` (and any other
+            ``TOPOLOGY_FIELDS``) is replaced by the saved run's value.
+        missing: what to do when the directory holds no DistLion state at all.
+
+    Raises:
+        ValueError: the file is missing or was saved by a run of another topology; the
+            message names what was found, both sides' values and ``fix``.
+    """
+    current = topology(optimizer)
+    name = state_file_name(optimizer.rank, optimizer.world_size, index)
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state.get("distlion", {})
+        mismatch = describe_mismatch(saved, current)
+        if mismatch is not None:
+            raise ValueError(f"{path} was saved by a run of {mismatch}. Momentum is per rank and cannot be "
+                             f"re-split: {fix.format(**{**current, **saved})}.")
+        return state
+    held = [f for f in find_state_files(directory) if f.index == index]
+    if not held:
+        found = sorted(os.listdir(directory)) if os.path.isdir(directory) else "no such directory"
+        raise ValueError(f"No DistLion optimizer state for rank {optimizer.rank} in {directory}: expected {name} "
+                         f"(one file per rank), found {found}. {missing}")
+    # Files of another run: the most common world size there is the saved run's.
+    sizes = [f.world_size for f in held]
+    saved = {"world_size": max(set(sizes), key=lambda size: (sizes.count(size), size))}
+    ranks = sorted({f.rank for f in held if f.world_size == saved["world_size"]})
+    processes = f"{current['world_size']} process{'es' if current['world_size'] != 1 else ''}"
+    raise ValueError(f"{directory} holds DistLion optimizer state of {len(ranks)} rank(s) (ranks {ranks}), but "
+                     f"this run has {processes} and rank {optimizer.rank} has no {name}: it was saved by a run of "
+                     f"{describe_mismatch(saved, current)}. Momentum is per rank and cannot be re-split: "
+                     f"{fix.format(**{**current, **saved})}.")
+
+
+def fail_together(action: Callable[[], T], *, source: str, group: Any = None) -> T:
+    """Run ``action()`` on every rank of ``group``; if it raises on any rank, raise on every rank.
+
+    Call it on every rank (it makes one collective, an all_gather of a flag). The rank
+    that failed raises its own error; the others raise a RuntimeError that names the
+    failed ranks and ``source``, instead of waiting for them in a later collective.
+    """
+    error: Exception | None = None
+    result = None
+    try:
+        result = action()
+    except Exception as caught:  # any failure must reach the other ranks before anyone raises
+        error = caught
+    failed = _failed_ranks(error is not None, group)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"DistLion: rank(s) {failed} could not load their optimizer state from {source} (see "
+                           "their error); this rank stops too instead of waiting for them.")
+    return result
+
+
+def _failed_ranks(failed: bool, group: Any) -> list[int]:
+    """Return the ranks of ``group`` that report ``failed`` (one all_gather; no collective without a group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return [0] if failed else []
+    # NCCL moves CUDA tensors only; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+    flag = torch.tensor([int(failed)], device=device)
+    flags = [torch.empty_like(flag) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(flags, flag, group=group)
+    return [rank for rank, value in enumerate(flags) if value.item()]

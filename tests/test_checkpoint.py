@@ -1,0 +1,166 @@
+"""distlion.checkpoint: per-rank file names, discovery, the topology check, and failing together.
+
+The multi-process tests run real gloo ranks (tests/multiprocess.py), each bounded by a
+timeout: a rank that waits for a failed one fails the test instead of hanging it.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distlion import DistLion
+from distlion.checkpoint import (StateFile, describe_mismatch, fail_together, find_state_files, load_state,
+                                 save_state, state_file_name)
+from multiprocess import run_ranks
+
+FIX = "relaunch with {world_size} ranks"
+MISSING = "Save it with distlion."
+
+
+def _optimizer(seed: int = 0) -> DistLion:
+    torch.manual_seed(seed)
+    return DistLion(torch.nn.Linear(4, 3).parameters(), lr=1e-2)
+
+
+def test_state_file_names_say_which_run_wrote_them():
+    assert state_file_name(0, 1) == "distlion_optimizer0_rank0_of_1.pt"
+    assert state_file_name(3, 8, index=2) == "distlion_optimizer2_rank3_of_8.pt"
+    assert StateFile(index=1, rank=2, world_size=4).name == "distlion_optimizer1_rank2_of_4.pt"
+
+
+def test_discovery_lists_state_files_only(tmp_path):
+    for name in (state_file_name(1, 2), state_file_name(0, 2), state_file_name(0, 4, index=1), "optimizer.bin",
+                 "distlion_rank0_of_2.pt", "distlion_optimizer0_rank0_of_2.pt.tmp"):
+        (tmp_path / name).write_bytes(b"")
+    assert find_state_files(str(tmp_path)) == [StateFile(0, 0, 2), StateFile(0, 1, 2), StateFile(1, 0, 4)]
+    assert find_state_files(str(tmp_path / "missing")) == []
+
+
+def test_save_and_load_round_trip(tmp_path):
+    optimizer = _optimizer()
+    model_params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in model_params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    path = save_state(optimizer.state_dict(), str(tmp_path / "ckpt"), optimizer)
+    assert os.path.basename(path) == "distlion_optimizer0_rank0_of_1.pt"
+    state = load_state(str(tmp_path / "ckpt"), optimizer, fix=FIX, missing=MISSING)
+    fresh = _optimizer()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["distlion"]["step"] == 1
+
+
+def test_a_wrapper_state_gets_the_topology_section(tmp_path):
+    optimizer = _optimizer()
+    save_state({"cur_scale": 256.0, "optimizer_state_dict": optimizer.state_dict()}, str(tmp_path), optimizer)
+    state = load_state(str(tmp_path), optimizer, fix=FIX, missing=MISSING)
+    assert state["distlion"] == {"world_size": 1, "ranks_per_node": 1, "rank": 0} and state["cur_scale"] == 256.0
+
+
+def test_mismatch_names_every_field_that_differs():
+    assert describe_mismatch({"world_size": 2, "rank": 1}, {"world_size": 4, "rank": 3}) == \
+        "world size 2 and rank 1, but this run has world size 4 and rank 3"
+    assert describe_mismatch({"world_size": 2, "rank": 0}, {"world_size": 4, "rank": 0}) == \
+        "world size 2, but this run has world size 4"
+    assert describe_mismatch({"world_size": 4, "rank": 0, "step": 9}, {"world_size": 4, "rank": 0}) is None
+    assert describe_mismatch({}, {"world_size": 4, "rank": 0}) is None  # nothing recorded, nothing to compare
+
+
+def test_files_of_another_world_size_name_both_sizes_and_the_fix(tmp_path):
+    for rank in (0, 1):
+        torch.save({"distlion": {"world_size": 2, "rank": rank}}, tmp_path / state_file_name(rank, 2))
+    with pytest.raises(ValueError) as error:
+        load_state(str(tmp_path), _optimizer(), fix=FIX, missing=MISSING)
+    message = str(error.value)
+    assert "holds DistLion optimizer state of 2 rank(s) (ranks [0, 1]), but this run has 1 process" in message
+    assert "world size 2, but this run has world size 1" in message
+    assert "relaunch with 2 ranks" in message
+
+
+def test_a_file_whose_contents_disagree_with_its_name_is_refused(tmp_path):
+    torch.save({"distlion": {"world_size": 2, "rank": 1}}, tmp_path / state_file_name(0, 1))
+    with pytest.raises(ValueError, match="world size 2 and rank 1, but this run has world size 1 and rank 0. "
+                                         "Momentum is per rank and cannot be re-split: relaunch with 2 ranks"):
+        load_state(str(tmp_path), _optimizer(), fix=FIX, missing=MISSING)
+
+
+def test_a_directory_without_distlion_state_says_what_it_holds(tmp_path):
+    (tmp_path / "optimizer.bin").write_bytes(b"")
+    with pytest.raises(ValueError) as error:
+        load_state(str(tmp_path), _optimizer(), fix=FIX, missing=MISSING)
+    message = str(error.value)
+    assert "No DistLion optimizer state for rank 0" in message and "expected distlion_optimizer0_rank0_of_1.pt" \
+        in message
+    assert "['optimizer.bin']" in message and message.endswith(MISSING)
+
+
+def test_fail_together_without_a_process_group_is_a_plain_call():
+    assert fail_together(lambda: 7, source="here") == 7
+    with pytest.raises(KeyError):
+        fail_together(lambda: {}["x"], source="here")
+
+
+# ------------------------------------------------------------------ real ranks
+
+def _save_then_load(rank: int, world_size: int, directory: str, broken_rank: int, damage: str) -> dict:
+    """Every rank saves; ``broken_rank``'s file is then removed or corrupted; every rank loads."""
+    optimizer = _optimizer()
+    save_state(optimizer.state_dict(), directory, optimizer)
+    dist.barrier()
+    if rank == broken_rank:
+        path = os.path.join(directory, state_file_name(rank, world_size))
+        if damage == "missing":
+            os.remove(path)
+        else:
+            with open(path, "wb") as handle:
+                handle.write(b"not a torch file")
+    dist.barrier()
+    outcome = {"error": None}
+    try:
+        fail_together(lambda: optimizer.load_state_dict(load_state(directory, optimizer, fix=FIX, missing=MISSING)),
+                      source=directory)
+    except Exception as error:  # what each rank raised, for the test to compare
+        outcome = {"error": type(error).__name__, "message": str(error)}
+    # Every rank returned from the load: a collective afterwards still pairs up.
+    total = torch.tensor([1])
+    dist.all_reduce(total)
+    outcome["ranks_after"] = int(total)
+    return outcome
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_load_failure_on_one_rank_fails_every_rank(tmp_path, damage):
+    outcomes = run_ranks(_save_then_load, 3, str(tmp_path), 1, damage, timeout=90)
+    assert [o["ranks_after"] for o in outcomes] == [3, 3, 3]
+    broken = outcomes[1]
+    if damage == "missing":
+        assert broken["error"] == "ValueError" and "holds DistLion optimizer state of 2 rank(s) (ranks [0, 2])" \
+            in broken["message"]
+    else:
+        assert broken["error"] is not None and "could not load" not in broken["message"]  # its own error
+    for rank in (0, 2):
+        assert outcomes[rank]["error"] == "RuntimeError", outcomes[rank]
+        assert f"rank(s) [1] could not load their optimizer state from {tmp_path}" in outcomes[rank]["message"]
+
+
+def _load_own(rank: int, world_size: int, directory: str) -> int:
+    optimizer = _optimizer()
+    save_state(optimizer.state_dict(), directory, optimizer)
+    dist.barrier()
+    state = fail_together(lambda: load_state(directory, optimizer, fix=FIX, missing=MISSING), source=directory)
+    return state["distlion"]["rank"]
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_loads_its_own_file(tmp_path):
+    assert run_ranks(_load_own, 2, str(tmp_path), timeout=90) == [0, 1]
+    assert find_state_files(str(tmp_path)) == [StateFile(0, 0, 2), StateFile(0, 1, 2)]
+
+
+def test_mismatch_names_ranks_per_node():
+    assert describe_mismatch({"world_size": 4, "ranks_per_node": 2, "rank": 1},
+                             {"world_size": 4, "ranks_per_node": 1, "rank": 1}) == \
+        "ranks per node 2, but this run has ranks per node 1"
