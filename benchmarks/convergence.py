@@ -1,4 +1,4 @@
-"""Convergence at equal steps: DistLion (majority, average) against global Lion and AdamW.
+"""Convergence at equal steps: DistLion (majority, average, nodes of 2) against global Lion and AdamW.
 
 The demo's task (byte-level GPT on the Python standard library's source, 4 local
 workers, ``launch.train`` defaults) for several seeds; each run is one torchrun job
@@ -26,6 +26,7 @@ from launch.recipe import SMOKE_ARGS, run_training
 VARIANTS = {  # name -> launch.train arguments
     "distlion_majority": ["--optimizer", "distlion", "--vote", "majority"],
     "distlion_average": ["--optimizer", "distlion", "--vote", "average"],
+    "distlion_2x2": ["--optimizer", "distlion", "--vote", "majority", "--ranks_per_node", "2"],  # nodes of 2 vote
     "lion_global": ["--optimizer", "lion"],
     "adamw": ["--optimizer", "adamw"],
 }
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     extra = SMOKE_ARGS if args.smoke else ["--eval_interval", "50"]
     if args.smoke:  # one process per run: launch.train's distributed paths have tests of their own
         args.seeds, args.workers = args.seeds[:1], 1
+        args.variants = [v for v in args.variants if "--ranks_per_node" not in VARIANTS[v]]
+    if "distlion_2x2" in args.variants and args.workers % 2:
+        parser.error(f"--workers {args.workers}: distlion_2x2 needs an even number of workers (nodes of 2)")
     extra += ["--steps", str(args.steps)] if args.steps is not None else []
 
     finals: dict[str, dict[int, float]] = {v: {} for v in args.variants}
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "lr", "weight_decay", "betas", "embedding_lr_scale", "vote_ema_beta", "steps", "batch_size",
                     "block_size", "n_layer", "n_embd")}
                 settings[variant]["bytes_sent_per_step"] = metrics["bytes_sent_per_step"]
+                stats = metrics.get("comm_stats") or {}
+                settings[variant]["inter_node_bytes_per_step"] = stats.get("inter_node_bytes_per_step")
     elapsed = time.perf_counter() - start
 
     summary = {v: spread(list(finals[v].values())) for v in args.variants}

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distlion import DistLion
+from distlion import CommStats, DistLion
 from distlion.worker_exit import exit_worker
 from launch.comm_hooks import HOOKS, AllReduceCounter, DeferredAllReduce, deferring_hook
 from launch.model import GPT, GPTConfig
@@ -148,6 +148,7 @@ class Trainer:
     forward_backward: Callable[[torch.Tensor, torch.Tensor], None]
     phase: Callable[[], None]
     bytes_sent: Callable[[], int]  # cumulative, this rank, counted per collective
+    comm_stats: CommStats | None = None  # DistLion's counters by link class (None for DDP)
 
 
 def _model(config: GPTConfig) -> GPT:
@@ -156,10 +157,11 @@ def _model(config: GPTConfig) -> GPT:
 
 
 def distlion_trainer(config: GPTConfig, *, vote: str = "majority", exchange: str = "auto",
-                     vote_ema_beta: float | None = None, name: str = "distlion") -> Trainer:
+                     vote_ema_beta: float | None = None, ranks_per_node: int | str = "auto",
+                     name: str = "distlion") -> Trainer:
     model = _model(config)
     optimizer = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1, vote=vote, exchange=exchange,
-                         vote_ema_beta=vote_ema_beta)
+                         vote_ema_beta=vote_ema_beta, ranks_per_node=ranks_per_node)
 
     def forward_backward(x, y):
         model(x, y)[1].backward()
@@ -168,7 +170,7 @@ def distlion_trainer(config: GPTConfig, *, vote: str = "majority", exchange: str
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 
-    return Trainer(name, forward_backward, phase, lambda: optimizer.comm_stats.bytes_sent)
+    return Trainer(name, forward_backward, phase, lambda: optimizer.comm_stats.bytes_sent, optimizer.comm_stats)
 
 
 def adamw_ddp_trainer(config: GPTConfig, *, wire_dtype: str = "fp32", deferred: bool = False,

@@ -24,17 +24,18 @@ bf16 runs cast the model to bf16; DistLion keeps fp32 master weights
 precision as DeepSpeed runs it). torch's ZeRO-1 shards AdamW's moments only: the masters
 it steps are replicated on every rank (DeepSpeed's ZeRO-1 also shards them).
 
-The recorded run starts fresh processes for each configuration; ``--smoke`` measures
-every configuration in one launch, resetting the peak RSS between them. glibc's mmap
+The recorded run starts fresh processes for each optimizer (fp32, then bf16, with the
+peak RSS reset between them); ``--smoke`` measures every configuration in one launch. glibc's mmap
 threshold is fixed (``MALLOC_MMAP_THRESHOLD_``) so freed buffers go back to the system::
 
-    python -m benchmarks.memory                  # 24.2M params, 4 ranks (~5 min)
+    python -m benchmarks.memory                  # 24.2M params, 4 ranks (5-10 min)
     python -m benchmarks.memory --smoke          # tiny model, 2 ranks, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import re
@@ -105,7 +106,8 @@ def held_bytes(root: Any, excluded: set[int]) -> dict[str, int]:
         elif isinstance(obj, (list, tuple, set)):
             for value in obj:
                 visit(value, kind)
-        elif type(obj).__module__.startswith(_WALKED_MODULES) and hasattr(obj, "__dict__"):
+        elif dataclasses.is_dataclass(obj) or (type(obj).__module__.startswith(_WALKED_MODULES)
+                                               and hasattr(obj, "__dict__")):
             fields = sorted(vars(obj).items(), key=lambda item: item[0] == "state")
             for name, value in fields:
                 visit(value, name.lstrip("_"))
@@ -132,16 +134,16 @@ class MasterAdamW:
     """AdamW (or ZeRO-1 AdamW) over fp32 copies of bf16 parameters: fp32 gradients in, bf16 parameters out."""
 
     params: list[torch.Tensor]
-    masters: list[torch.Tensor]
-    master_grads: list[torch.Tensor]
+    master: list[torch.Tensor]
+    master_grad: list[torch.Tensor]
     optimizer: Any
 
     def step(self) -> None:
-        for param, grad in zip(self.params, self.master_grads):
+        for param, grad in zip(self.params, self.master_grad):
             grad.copy_(param.grad)
         self.optimizer.step()
         with torch.no_grad():
-            for param, master in zip(self.params, self.masters):
+            for param, master in zip(self.params, self.master):
                 param.copy_(master)
 
 
@@ -194,6 +196,10 @@ def measure(setup: Setup, config: GPTConfig, dtype: torch.dtype, batch, steps: i
 
 
 def worker(args: argparse.Namespace) -> None:
+    # torch.optim.Optimizer imports torch._dynamo when the first optimizer is built (~150 MiB of
+    # RSS, whatever the optimizer): import it first, so the baseline holds it. Before the process
+    # group exists (docs/design.md §4).
+    import torch._dynamo  # noqa: F401
     rank, world_size = harness.join_group()
     config = harness.MODEL_SIZES[args.size]
     batch = harness.make_batch(config, args.batch_size, args.seq_len, rank)
@@ -221,7 +227,8 @@ def summarize(setup: Setup, dtype: str, ranks: list[dict], num_parameters: int) 
     kinds = sorted({k for r in ranks for k in r["bytes_by_kind"]})
     return {"setup": setup.name, "optimizer": setup.optimizer, "dtype": dtype, "ranks_per_node": setup.ranks_per_node,
             "vote_ema_beta": setup.vote_ema_beta,
-            "state_bytes_per_param": per_param(max(state)), "state_bytes_per_param_mean": per_param(sum(state) / len(state)),
+            "state_bytes_per_param": per_param(max(state)),
+            "state_bytes_per_param_mean": per_param(sum(state) / len(state)),
             "scratch_bytes_per_param": per_param(max(t - s for t, s in zip(total, state))),
             "optimizer_bytes_per_param": per_param(max(total)),
             "optimizer_bytes_per_param_mean": per_param(sum(total) / len(total)),
@@ -276,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         return worker(args)
     if args.smoke:
-        args.size, args.world_size, args.steps = "tiny", 2, 2
+        args.size, args.world_size, args.steps = "tiny", 2, 1
     known = {s.name: s for s in setups(args.world_size)}
     chosen = args.setups or list(known)
     unknown = [name for name in chosen if name not in known]

@@ -232,6 +232,14 @@ class _Adapter:
             for entry in self.entries:
                 entry.loaded_by_hook = False
             raise
+        # Accelerate loads the weights next, with safetensors, which refuses a parameter that is
+        # a view of a larger storage (DistLion's bucket, once it has stepped). Give each one its
+        # own storage: DistLion lays the loaded weights and state out again at its next step().
+        owned = self._owned_parameters()
+        for model in models:
+            for param in model.parameters():
+                if id(param) in owned and param.untyped_storage().nbytes() != param.numel() * param.element_size():
+                    param.data = param.data.clone()
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary[Any, _Adapter]" = weakref.WeakKeyDictionary()
@@ -241,7 +249,7 @@ def _check_supported(accelerator: Any, optimizer: DistLion) -> None:
     kind = str(getattr(accelerator.distributed_type, "name", accelerator.distributed_type))
     if kind in _UNSUPPORTED_TYPES:
         raise ValueError(f"distlion.accelerate.prepare supports data parallelism (DDP); this Accelerator uses "
-                         f"{kind}. Use DistLion with plain DDP, or distlion.deepspeed for DeepSpeed ZeRO stage 0.")
+                         f"{kind}. Use DistLion with plain DDP, or distlion.deepspeed for DeepSpeed (ZeRO stage 0-2).")
     if accelerator.num_processes > 1 and optimizer.world_size == 1:
         raise ValueError(f"DistLion was built with world size 1 but this job has {accelerator.num_processes} "
                          f"processes: it was created before torch.distributed was initialised. Create the "

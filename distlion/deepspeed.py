@@ -28,9 +28,21 @@ instance passed as ``optimizer=``), ``initialize`` also:
   and DistLion's momentum differs on every rank. A missing or mismatched file fails on
   every rank together.
 
-ZeRO stage >= 1 is refused: it partitions the optimizer and reduce-scatters full-precision
-gradients, the traffic DistLion exists to remove. Configs with any other optimizer go to
-``deepspeed.initialize`` unchanged.
+ZeRO stages. DeepSpeed always runs at stage 0 under DistLion: its partitioning and its
+full-precision gradient reduction are the traffic DistLion replaces. DistLion shards its
+own state instead, inside each node (``ranks_per_node``; distlion/optim.py):
+
+- stage 0: DistLion as configured (``ranks_per_node`` from the entry, default "auto");
+- stage 1 and stage 2: the same, with the rest of ``"zero_optimization"`` ignored. Rank j
+  of a node holds the momentum (and vote EMA) of chunk j, 1/G of DistLion's state, as
+  ZeRO-1 would; gradients are not partitioned (each rank keeps its full local ``.grad``;
+  the node reduce-scatters them inside ``step()``), and under ``"bf16"`` / ``"fp16"``
+  DeepSpeed's wrapper keeps fp32 copies of every parameter on every rank (DistLion
+  updates those). ``offload_optimizer`` / ``offload_param`` are refused;
+- stage 3 is refused: it partitions the parameters, and DistLion updates full replicas.
+  The sharded-parameter route in PyTorch is FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Configs with any other optimizer go to ``deepspeed.initialize`` unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from distlion import checkpoint
 from distlion.optim import DistLion
+from distlion.topology import check_ranks_per_node
 from distlion.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
@@ -59,10 +72,13 @@ logger = logging.getLogger(__name__)
 OPTIMIZER_TYPE = "DistLion"
 # What a "DistLion" entry's params may set: DistLion's keyword arguments that JSON can hold.
 CONFIG_PARAMS = ("lr", "betas", "weight_decay", "vote", "exchange", "bucket_cap_mb", "master_weights",
-                 "momentum_dtype", "vote_ema_beta")
+                 "momentum_dtype", "vote_ema_beta", "ranks_per_node", "reduce_dtype")
+DTYPE_PARAMS = ("momentum_dtype", "reduce_dtype")  # given by name in JSON: "float32", "bfloat16"
+# Settings of DeepSpeed's ZeRO optimizer that DistLion cannot stand in for: refused, not ignored.
+REFUSED_ZERO_KEYS = ("offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param")
 # What load_checkpoint's errors tell the user to do (distlion.checkpoint.load_state fills in the saved world size).
-_FIX = ("resume with {world_size} ranks, or call load_checkpoint(..., load_optimizer_states=False) to keep the "
-        "weights and start the optimizer fresh")
+_FIX = ("resume with {world_size} ranks and the saved ranks_per_node, or call load_checkpoint(..., "
+        "load_optimizer_states=False) to keep the weights and start the optimizer fresh")
 _MISSING = ("Save checkpoints from an engine built by distlion.deepspeed.initialize (plain DeepSpeed keeps rank 0's "
             "state only), or call load_checkpoint(..., load_optimizer_states=False) to keep the weights and start "
             "the optimizer fresh.")
@@ -79,9 +95,12 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     training_dataloader, lr_scheduler)``. As in DeepSpeed, an ``optimizer`` argument
     overrides the config's optimizer entry.
 
+    For a DistLion engine, DeepSpeed runs at ZeRO stage 0 whatever stage the config
+    names (stage 1 and 2: DistLion shards its own state within each node; module docstring).
+
     Raises:
-        ValueError: for a DistLion engine under ZeRO stage >= 1, with model parallelism
-            (``mpu`` or a pipeline model), or with an unknown param in the entry.
+        ValueError: for a DistLion engine under ZeRO stage 3 or with ZeRO offloading, with
+            model parallelism (``mpu`` or a pipeline model), or with an unknown param in the entry.
     """
     forwarded = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                      training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
@@ -101,8 +120,12 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         logger.warning("DistLion: optimizer=%s was passed, so the config's \"DistLion\" entry %s is ignored",
                        type(optimizer).__name__, entry.get("params"))
     from_entry = names_distlion and optimizer is None
+    requested_stage = _zero_stage(ds_config)
+    rewritten = False
     if from_entry or isinstance(optimizer, DistLion):
         _check_supported(ds_config, mpu, model)  # before any collective: every rank raises, none waits
+        if requested_stage > 0:
+            ds_config, rewritten = _at_stage_zero(ds_config), True
     if from_entry:
         kwargs = distlion_kwargs(entry.get("params") or {})
 
@@ -113,15 +136,30 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
 
         # DeepSpeed rejects optimizer types it does not know, but takes a callable.
         ds_config = {key: value for key, value in ds_config.items() if key != "optimizer"}
-        forwarded.update(optimizer=build, config=ds_config, config_params=None)
-    with _config_taken_from(args if from_entry and from_args else None):
+        forwarded.update(optimizer=build)
+        rewritten = True
+    if rewritten:
+        forwarded.update(config=ds_config, config_params=None)
+    with _config_taken_from(args if rewritten and from_args else None):
         engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(**forwarded)
     distlion = getattr(engine, "basic_optimizer", None)
     if isinstance(distlion, DistLion):  # also when a callable of the caller's built it
-        _check_supported(ds_config, mpu, model)
+        if _zero_stage(ds_config) > 0:
+            raise ValueError(f"A callable of yours built DistLion under ZeRO stage {_zero_stage(ds_config)}, so "
+                             "DeepSpeed wrapped it in its ZeRO optimizer. Pass a DistLion instance as optimizer= "
+                             "or name \"DistLion\" in the config, so that initialize runs DeepSpeed at stage 0 "
+                             "and DistLion shards its own state (ranks_per_node).")
         _attach(engine, distlion)
-        logger.info("DistLion: DeepSpeed engine ready (%s, world size %d, %s exchange); gradient all-reduce off",
-                    type(engine.optimizer).__name__, distlion.world_size, distlion.exchange_name)
+        logger.info("DistLion: DeepSpeed engine ready (%s, world size %d, %s, %s exchange); config ZeRO stage %d, "
+                    "DeepSpeed runs at stage 0 with its gradient all-reduce off; ranks_per_node=%d: each rank holds "
+                    "1/%d of DistLion's state", type(engine.optimizer).__name__, distlion.world_size,
+                    distlion.topology.describe(), distlion.exchange_name, requested_stage, distlion.ranks_per_node,
+                    distlion.ranks_per_node)
+        if requested_stage > 0 and distlion.ranks_per_node == 1 and distlion.world_size > 1:
+            logger.warning("DistLion: ZeRO stage %d asks for sharded optimizer state, but ranks_per_node is 1 (one "
+                           "node, or \"auto\" without LOCAL_WORLD_SIZE): every rank holds all of DistLion's "
+                           "state. Set \"ranks_per_node\" in the DistLion entry to shard it within a node.",
+                           requested_stage)
     return engine, ds_optimizer, dataloader, scheduler
 
 
@@ -152,13 +190,16 @@ def distlion_kwargs(params: dict) -> dict:
     kwargs = dict(params)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    if isinstance(kwargs.get("momentum_dtype"), str):
-        name = kwargs["momentum_dtype"]
-        dtype = getattr(torch, name.removeprefix("torch."), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"Invalid momentum_dtype {name!r} in the DeepSpeed config; use a torch dtype name "
-                             "such as \"float32\" or \"bfloat16\"")
-        kwargs["momentum_dtype"] = dtype
+    for key in DTYPE_PARAMS:
+        if isinstance(kwargs.get(key), str):
+            name = kwargs[key]
+            dtype = getattr(torch, name.removeprefix("torch."), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"Invalid {key} {name!r} in the DeepSpeed config; use a torch dtype name such as "
+                                 "\"float32\" or \"bfloat16\"")
+            kwargs[key] = dtype
+    if "ranks_per_node" in kwargs:
+        check_ranks_per_node(kwargs["ranks_per_node"])  # before DeepSpeed starts: every rank raises alike
     return kwargs
 
 
@@ -186,17 +227,41 @@ def _zero_stage(ds_config: dict) -> int:
 def _check_supported(ds_config: dict, mpu: Any, model: Any) -> None:
     """Raise on every rank, before any collective, for setups DistLion cannot run (so nothing hangs)."""
     stage = _zero_stage(ds_config)
-    if stage >= 1:
+    if stage >= 3:
         raise ValueError(
-            f"DistLion cannot run under ZeRO stage {stage}: ZeRO >= 1 partitions the optimizer state and "
-            "reduce-scatters full-precision gradients between ranks, which is exactly the traffic DistLion "
-            "replaces with 1-bit signs (and DeepSpeed's ZeRO optimizer breaks once the gradient all-reduce is "
-            "off). DistLion's own state is already small (one momentum buffer). Use "
-            '"zero_optimization": {"stage": 0}, or remove the "zero_optimization" section.')
+            f"DistLion does not support ZeRO stage {stage}: stage 3 partitions the parameters themselves, and "
+            "DistLion updates full replicas of them. For sharded parameters use FSDP2 "
+            "(torch.distributed.fsdp.fully_shard). For sharded optimizer state with DistLion, use "
+            '"zero_optimization": {"stage": 1} or {"stage": 2}: DistLion shards its state within each node '
+            '("ranks_per_node" in the DistLion entry).')
+    zero = ds_config.get("zero_optimization")
+    refused = [key for key in REFUSED_ZERO_KEYS if isinstance(zero, dict) and _offloads(zero.get(key))]
+    if refused:
+        raise ValueError(
+            f"DistLion cannot use zero_optimization.{refused[0]} = {zero[refused[0]]!r}: offloading belongs to "
+            "DeepSpeed's ZeRO optimizer, and under DistLion DeepSpeed runs at stage 0 while DistLion keeps its "
+            "state on the device, sharded within each node (\"ranks_per_node\"). Remove "
+            f"{' and '.join(refused)} from \"zero_optimization\".")
     if mpu is not None or isinstance(model, deepspeed.PipelineModule):
         raise ValueError("distlion.deepspeed supports data parallelism only (no mpu, no PipelineModule): "
                          "DistLion votes over the whole world group. Build DistLion(process_group=<your "
                          "data-parallel group>) and pass it to deepspeed.initialize yourself.")
+
+
+def _offloads(setting: Any) -> bool:
+    """True when a ZeRO offload setting asks for offloading (a device other than "none", or True)."""
+    if isinstance(setting, dict):
+        return str(setting.get("device", "none")).lower() != "none"
+    return bool(setting)
+
+
+def _at_stage_zero(ds_config: dict) -> dict:
+    """Return ``ds_config`` with ZeRO stage 0: DistLion shards its own state, DeepSpeed must not."""
+    zero = ds_config.get("zero_optimization")
+    ignored = sorted(key for key in zero if key != "stage") if isinstance(zero, dict) else []
+    if ignored:
+        logger.info("DistLion: DeepSpeed runs at ZeRO stage 0; ignoring zero_optimization settings %s", ignored)
+    return {**ds_config, "zero_optimization": {"stage": 0}}
 
 
 def _parse_json(text: str) -> dict:

@@ -58,7 +58,8 @@ class _BucketBuffers:
     """
 
     params: Tensor
-    node_grads: Tensor | None  # the whole bucket's local gradient, reduced over the node (ranks_per_node > 1)
+    node_grads: Tensor | None  # the whole bucket's local gradient, reduced over the node (ranks_per_node > 1):
+                               # a view of one of two staging buffers that every bucket shares
     grads: Tensor              # the chunk's gradient: the node's mean over its ranks
     momentum: Tensor
     bits: Tensor
@@ -203,8 +204,9 @@ class DistLion(torch.optim.Optimizer):
         self._grad_views: list[list[Tensor]] = []      # each parameter's part of the chunk buffers
         self._momentum_views: list[list[Tensor]] = []
         self._bucket_params: list[list[Tensor]] = []
+        staging = self._allocate_staging()
         for bucket in self.layout.buckets:
-            buffers = self._allocate(bucket)
+            buffers = self._allocate(bucket, staging)
             members = [params[slot.param_index] for slot in bucket.slots]
             views = slot_views(buffers.params, bucket)
             for param, view in zip(members, views):
@@ -239,16 +241,31 @@ class DistLion(torch.optim.Optimizer):
                                        self.vote_rule.planes, device, self.comm_stats)
         self._node = make_node(self.topology, self.comm_stats, device)
 
-    def _allocate(self, bucket: Bucket) -> _BucketBuffers:
+    def _allocate_staging(self) -> dict[torch.device, list[Tensor]]:
+        """Two whole-bucket gradient buffers per device, for the node's reduce-scatter (ranks_per_node > 1).
+
+        Bucket i uses buffer i % 2, so bucket i + 2 is gathered while bucket i + 1 is reduced:
+        the node's gradients take two buckets of memory, not the whole model's.
+        """
+        if self.ranks_per_node == 1:
+            return {}
+        largest: dict[torch.device, int] = {}
+        for bucket in self.layout.buckets:
+            largest[bucket.device] = max(largest.get(bucket.device, 0), bucket.padded_numel)
+        return {device: [torch.zeros(n, dtype=self.defaults["reduce_dtype"], device=device) for _ in range(2)]
+                for device, n in largest.items()}
+
+    def _allocate(self, bucket: Bucket, staging: dict[torch.device, list[Tensor]]) -> _BucketBuffers:
         n, dev = bucket.padded_numel, bucket.device
         chunk = n // self.ranks_per_node
         low_precision = bucket.dtype in _LOW_PRECISION and self.defaults["master_weights"]
         scaled = self.param_groups[bucket.group_index]["vote_ema_beta"] is not None
         sharded = self.ranks_per_node > 1
         grad_dtype = self.defaults["reduce_dtype"] if sharded else bucket.dtype
+        index = len(self._buffers)
         return _BucketBuffers(
             params=torch.zeros(n, dtype=bucket.dtype, device=dev),
-            node_grads=torch.zeros(n, dtype=grad_dtype, device=dev) if sharded else None,
+            node_grads=staging[dev][index % 2][:n] if sharded else None,
             grads=torch.zeros(chunk, dtype=grad_dtype, device=dev),
             momentum=torch.zeros(chunk, dtype=self.defaults["momentum_dtype"], device=dev),
             bits=torch.zeros(chunk // 8, dtype=torch.uint8, device=dev),
@@ -317,16 +334,15 @@ class DistLion(torch.optim.Optimizer):
         step = self._step + 1
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
         found_inf = getattr(self, "found_inf", None)
-        if self.ranks_per_node > 1:
-            # Launch every bucket's reduce-scatter inside the node; each is packed as it arrives.
-            for index, buffers in enumerate(self._buffers):
-                gather_into(self._bucket_grads(index), self._gather_views[index])
-                if grad_scale is not None:
-                    buffers.node_grads.mul_(grad_scale.double().reciprocal().float())
-                self._node.reduce_start(index, buffers.node_grads, buffers.grads)
+        # Inside a node, launch the reduce-scatter of the first two buckets; each later one
+        # is launched as soon as the bucket two before it is packed and its staging buffer free.
+        for index in range(min(2, len(self._buffers)) if self.ranks_per_node > 1 else 0):
+            self._reduce_start(index, grad_scale)
         # Pack every bucket and launch its exchange; bucket i's bytes travel while i+1 is packed.
         for index, bucket in enumerate(self.layout.buckets):
             flag = self._pack(index, step, grad_scale)
+            if self.ranks_per_node > 1 and index + 2 < len(self._buffers):
+                self._reduce_start(index + 2, grad_scale)
             if found_inf is not None:
                 flag = flag | (found_inf.to(flag.device) > 0)
             self._exchange.start(index, self._buffers[index].bits, flag.to(torch.uint8))
@@ -366,6 +382,14 @@ class DistLion(torch.optim.Optimizer):
         self._node.gather_finish()
         self._step = step
         return loss
+
+    def _reduce_start(self, index: int, grad_scale: Tensor | None) -> None:
+        """Gather the bucket's local gradients into its staging buffer and launch the node's reduce-scatter."""
+        buffers = self._buffers[index]
+        gather_into(self._bucket_grads(index), self._gather_views[index])
+        if grad_scale is not None:
+            buffers.node_grads.mul_(grad_scale.double().reciprocal().float())
+        self._node.reduce_start(index, buffers.node_grads, buffers.grads)
 
     def _pack(self, index: int, step: int, grad_scale: Tensor | None) -> Tensor:
         """Pack the bucket's local signs into its bits; return its non-finite flag.

@@ -73,12 +73,14 @@ def check_ranks_per_node(ranks_per_node: int | str) -> None:
 def resolve_ranks_per_node(ranks_per_node: int | str, world_size: int, is_world: bool) -> int:
     """Turn ``ranks_per_node`` (an int or "auto") into G, checking that it divides ``world_size``.
 
-    "auto" is ``LOCAL_WORLD_SIZE`` when the default group spans more than one node
-    (``WORLD_SIZE > LOCAL_WORLD_SIZE``, as torchrun, Accelerate and DeepSpeed set them), else 1.
+    "auto" is the node's size when the default group spans more than one node
+    (``WORLD_SIZE`` > it), else 1. The node's size is ``LOCAL_WORLD_SIZE`` (torchrun and
+    Accelerate set it) or ``LOCAL_SIZE`` (the DeepSpeed launcher's name for it).
     """
     check_ranks_per_node(ranks_per_node)
     if ranks_per_node == AUTO:
-        local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
+        local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+        world = os.environ.get("WORLD_SIZE")
         if not (is_world and local and world and local.isdigit() and world.isdigit()):
             return 1
         local_size, env_world = int(local), int(world)

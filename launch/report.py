@@ -50,10 +50,28 @@ def command_line() -> str:
     return " ".join(["python", *program, *sys.argv[1:]])
 
 
+def _ranks_per_node(metrics: dict) -> int:
+    return (metrics.get("comm_stats") or {}).get("ranks_per_node", 1)
+
+
 def _label(metrics: dict) -> str:
     if metrics["optimizer"] == "distlion":
-        return f"DistLion ({metrics['vote']})"
+        nodes = _ranks_per_node(metrics)
+        shape = f", {metrics['world_size'] // nodes} nodes x {nodes}" if nodes > 1 else ""
+        return f"DistLion ({metrics['vote']}){shape}"
     return {"adamw": "AdamW + DDP", "lion": "Lion + DDP"}.get(metrics["optimizer"], metrics["optimizer"])
+
+
+def _counted_bytes(metrics: dict) -> tuple[str, str]:
+    """Which bytes a run's figures count: (``history`` key, description).
+
+    A run of nodes (ranks_per_node > 1) counts the bytes sent to other nodes (the 1-bit
+    vote) and leaves out the reduce-scatter and all-gather inside a node, which ride the
+    node's own fast link; every other run counts all it sends.
+    """
+    if _ranks_per_node(metrics) > 1:
+        return "inter_node_bytes_sent", "inter-node bytes only (the vote); intra-node traffic not counted"
+    return "bytes_sent", "all bytes sent"
 
 
 def _bytes(value: float | None) -> str:
@@ -70,13 +88,16 @@ def comparison(runs: dict[str, dict]) -> dict:
     baseline = runs.get(BASELINE)
     rows = {}
     for name, m in runs.items():
-        per_step = m["bytes_sent_per_step"]
+        key, counted = _counted_bytes(m)
+        sent, per_step = m["bytes_sent"], m["bytes_sent_per_step"]
+        if key != "bytes_sent":
+            sent, per_step = m["comm_stats"][key], m["comm_stats"][key] / m["comm_stats"]["steps"]
         row = {
             "label": _label(m),
+            "bytes_counted": counted,
             "final_val_loss": m["final_val_loss"],
             "bytes_sent_per_worker_per_step": per_step,
-            "total_bytes_sent_all_workers": m["bytes_sent"] * m["world_size"] if m["bytes_sent"] is not None
-            else None,
+            "total_bytes_sent_all_workers": sent * m["world_size"] if sent is not None else None,
             "step_time_s": m["step_time_s"],
             "wall_time_s": m["wall_time_s"],
             "parameters_identical": m["parameters_identical"],
@@ -104,6 +125,8 @@ def format_table(rows: dict[str, dict]) -> str:
     text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
             for line in lines]
     text.insert(1, "-" * len(text[0]))
+    text += [f"{row['label']}: bytes are {row['bytes_counted']}" for row in rows.values()
+             if row["bytes_counted"] != "all bytes sent"]
     return "\n".join(text)
 
 
@@ -121,14 +144,15 @@ def plot(runs: dict[str, dict], path: str) -> bool:
         steps = [h["step"] for h in history]
         losses = [h["val_loss"] for h in history]
         line, = by_step.plot(steps, losses, marker=".", label=_label(m))
-        sent = [(h["bytes_sent"], h["val_loss"]) for h in history if h["bytes_sent"]]
+        key, _ = _counted_bytes(m)
+        sent = [(h[key], h["val_loss"]) for h in history if h.get(key)]
         if sent:
             by_bytes.plot([s for s, _ in sent], [v for _, v in sent], marker=".", color=line.get_color(),
                           label=_label(m))
     first = next(iter(runs.values()))
     by_step.set(xlabel="step", ylabel="validation loss (nats/byte)",
                 title=f"{first['world_size']} workers, equal steps and data")
-    by_bytes.set(xscale="log", xlabel="bytes sent per worker (cumulative, log scale)",
+    by_bytes.set(xscale="log", xlabel="bytes sent per worker (cumulative, log scale; nodes: inter-node only)",
                  ylabel="validation loss (nats/byte)", title="loss against communication")
     for axis in (by_step, by_bytes):
         axis.grid(alpha=0.3)

@@ -256,6 +256,12 @@ def _distlion_bytes(optimizer: Any) -> Callable[[], int | None]:
     return (lambda: inner.comm_stats.bytes_sent) if inner is not None else (lambda: None)
 
 
+def _inter_node_bytes(optimizer: Any) -> int | None:
+    """DistLion's bytes sent to other nodes so far (the vote; all it sends when a node is one rank)."""
+    inner = unwrap(optimizer)
+    return inner.comm_stats.inter_node_bytes_sent if inner is not None else None
+
+
 def _plain_batches(corpus, args, session: Session) -> Iterator:
     for step in range(args.steps):
         x, y = train_batch(corpus, step=step, rank=session.rank, world_size=session.world_size,
@@ -406,7 +412,7 @@ def train(args: argparse.Namespace) -> dict:
                  f"{corpus.describe()}")
 
     history = [{"step": 0, "val_loss": evaluate(engine.module, corpus, args, session), "bytes_sent": 0,
-                "train_loss": None, "elapsed_s": 0.0}]
+                "inter_node_bytes_sent": 0, "train_loss": None, "elapsed_s": 0.0}]
     step_times, optimizer_times, losses = [], [], []
     start = time.perf_counter()
     for step in range(args.steps):
@@ -431,6 +437,7 @@ def train(args: argparse.Namespace) -> dict:
             interval = losses[-args.eval_interval:]
             history.append({"step": step + 1, "val_loss": evaluate(engine.module, corpus, args, session),
                             "train_loss": _mean(interval), "bytes_sent": sent,
+                            "inter_node_bytes_sent": _inter_node_bytes(engine.optimizer),
                             "elapsed_s": time.perf_counter() - start})
             progress.log(f"step {step + 1:5d}  train {history[-1]['train_loss']:.4f}  "
                          f"val {history[-1]['val_loss']:.4f}")

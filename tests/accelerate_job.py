@@ -9,6 +9,8 @@ Each rank writes ``<out>/<phase>_rank<r>.pt``. Phases:
     accumulate  gradient accumulation over 4 micro-steps (bf16) against a summed-gradient reference
     fp16        GradScaler with an inf on rank 1 at one step
     load        load_state only (the tests launch it with the wrong number of processes)
+    nodes       DistLion(ranks_per_node=--ranks-per-node): 2k steps with save_state after step k,
+                then load_state(k) into the same objects and the last k steps again
 
 Run by hand from the repository root, e.g.::
 
@@ -213,6 +215,40 @@ def run_fp16(args, accelerator: Accelerator) -> None:
     save(args.out, args.phase, accelerator, record)
 
 
+def run_nodes(args, accelerator: Accelerator) -> None:
+    """Train with nodes of ``--ranks-per-node`` ranks, save at k, then load k and train the last steps again."""
+    model = make_model(0)
+    optimizer = DistLion(model.parameters(), lr=1e-2, weight_decay=0.1, ranks_per_node=args.ranks_per_node)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1.0 + 0.05 * s))
+    loader = make_loader(args.steps, accelerator.num_processes)
+    model, optimizer, loader, scheduler = distlion.accelerate.prepare(accelerator, model, optimizer, loader,
+                                                                      scheduler)
+    inner = optimizer.optimizer
+    record = {"ranks_per_node": inner.ranks_per_node, "state_numel": sum(
+        t.numel() for state in inner.state.values() for t in state.values())}
+
+    def train(batches, start: int) -> dict:
+        run = {"params": [], "params_same": [], "grads_same": []}
+        for step, (x, y) in enumerate(batches, start=start):
+            accelerator.backward(F.mse_loss(model(x), y))
+            run["grads_same"].append(same_on_all_ranks(accelerator, grads(model)))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            run["params"].append([p.detach().clone() for p in model.parameters()])
+            run["params_same"].append(same_on_all_ranks(accelerator, model.parameters()))
+            if step + 1 == args.save_at and args.ckpt is not None:
+                accelerator.save_state(args.ckpt)
+        run.update(momentum=momentum(optimizer, model), comm=inner.comm_stats.as_dict(), lr=scheduler.get_last_lr())
+        return run
+
+    record["full"] = train(loader, 0)
+    args.ckpt, ckpt = None, args.ckpt  # the second pass saves nothing
+    accelerator.load_state(ckpt)
+    record["resumed"] = train(accelerator.skip_first_batches(loader, args.save_at), args.save_at)
+    save(args.out, args.phase, accelerator, record)
+
+
 def run_load(args, accelerator: Accelerator) -> None:
     build_train_objects(accelerator, args.steps)
     accelerator.load_state(args.ckpt)
@@ -221,12 +257,14 @@ def run_load(args, accelerator: Accelerator) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=["train", "resume", "accumulate", "fp16", "load"], required=True)
+    parser.add_argument("--phase", choices=["train", "resume", "accumulate", "fp16", "load", "nodes"],
+                        required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps")
     parser.add_argument("--save-at", type=int, default=4)
     parser.add_argument("--ckpt", help="directory for save_state / load_state")
     parser.add_argument("--plain-ckpt", help="a directory saved without distlion (resume tries it first)")
+    parser.add_argument("--ranks-per-node", type=int, default=1, help="DistLion's ranks_per_node (phase nodes)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
@@ -240,7 +278,7 @@ def main() -> None:
         accelerator.native_amp = True
     accelerator.init_trackers("distlion-test")
     {"train": run_train, "resume": run_train, "accumulate": run_accumulate, "fp16": run_fp16,
-     "load": run_load}[args.phase](args, accelerator)
+     "load": run_load, "nodes": run_nodes}[args.phase](args, accelerator)
     accelerator.end_training()
 
 

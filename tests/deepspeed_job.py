@@ -5,10 +5,14 @@ rank-dependent data, and returns plain tensors and numbers for the tests to asse
 
     train_all       fp32, bf16 and fp16 engines for 2*K steps (an inf in rank 1's gradient
                     at INF_STEP, a checkpoint after step K); DistLion without DeepSpeed;
-                    gradient accumulation; ZeRO 1/2 refusals; an AdamW config passing through
+                    gradient accumulation; an AdamW config passing through
     resume_all      fresh engines that load the step-K checkpoints and train to 2*K
     load_elsewhere  load the 2-rank checkpoints with another world size: the error, then
                     the weights alone; a checkpoint without the per-rank files
+    nodes_all       4 ranks as 2 nodes of 2 under ZeRO stage 1 (fp32, ranks_per_node=2) and
+                    stage 2 (bf16, "auto" from the launcher's LOCAL_SIZE): train, checkpoint,
+                    resume in fresh engines; ranks_per_node=1's state and its failed load of
+                    the node checkpoint; DistLion alone; stage 3 refused
 
 DeepSpeed runs on CPU here: its accelerator falls back to CPU and gloo by itself.
 """
@@ -60,12 +64,13 @@ def _allow_fp16_on_cpu() -> None:
         accelerator.is_fp16_supported = lambda: True
 
 
-def ds_config(precision: str, stage: int = 0) -> dict:
-    """Return the shipped bf16 DistLion config, switched to ``precision`` and ZeRO ``stage``."""
-    with open(os.path.join(CONFIG_DIR, "ds_config_distlion.json")) as handle:
+def ds_config(precision: str, stage: int = 0, name: str = "ds_config_distlion.json", **params) -> dict:
+    """Return a shipped bf16 DistLion config, switched to ``precision``, ZeRO ``stage`` and the test's params."""
+    with open(os.path.join(CONFIG_DIR, name)) as handle:
         config = json.load(handle)
-    config.update(train_micro_batch_size_per_gpu=BATCH, zero_optimization={"stage": stage})
-    config["optimizer"]["params"] = dict(DISTLION_PARAMS)
+    config.update(train_micro_batch_size_per_gpu=BATCH)
+    config["zero_optimization"]["stage"] = stage
+    config["optimizer"]["params"] = {**config["optimizer"]["params"], **DISTLION_PARAMS, **params}
     config.pop("bf16", None)
     if precision == "fp32":
         # DeepSpeed clips each rank's own gradient (norm 1.0 by default); without it the
@@ -154,15 +159,15 @@ def first_gradients(engine, rank: int) -> dict:
     return {"engine": grads, "local": [p.grad for p in reference.parameters()]}
 
 
-def distlion_alone(model: torch.nn.Module):
-    """Return DistLion with the config entry's settings, without DeepSpeed."""
-    return DistLion(model.parameters(), **distlion_kwargs(DISTLION_PARAMS))
+def distlion_alone(model: torch.nn.Module, **extra):
+    """Return DistLion with the config entry's settings (and ``extra``), without DeepSpeed."""
+    return DistLion(model.parameters(), **distlion_kwargs({**DISTLION_PARAMS, **extra}))
 
 
-def plain_distlion(rank: int) -> list[torch.Tensor]:
+def plain_distlion(rank: int, **extra) -> list[torch.Tensor]:
     """Train the fp32 model with DistLion and no DeepSpeed; return the parameters after each step."""
     model = build_model()
-    optimizer = distlion_alone(model)
+    optimizer = distlion_alone(model, **extra)
     history = []
     for step in range(2 * K):
         x, y = batch(rank, step, torch.float32)
@@ -213,7 +218,7 @@ def from_args(rank: int) -> dict:
 
 
 def train_all(rank: int, world_size: int, checkpoint_root: str) -> dict:
-    """Train every precision with an injected inf, checkpoint at K; try ZeRO 1/2 and AdamW."""
+    """Train every precision with an injected inf, checkpoint at K; try AdamW."""
     _prepare(rank, world_size)
     _allow_fp16_on_cpu()
     results = {}
@@ -242,12 +247,6 @@ def train_all(rank: int, world_size: int, checkpoint_root: str) -> dict:
     results["plain_fp32"] = plain_distlion(rank)
     results["accumulate"] = accumulate(rank)
     results["from_args"] = from_args(rank)
-    results["zero_errors"] = {}
-    for stage in (1, 2):
-        try:
-            new_engine("bf16", ds_config("bf16", stage=stage))
-        except ValueError as error:
-            results["zero_errors"][stage] = str(error)
     with open(os.path.join(CONFIG_DIR, "ds_config_adamw.json")) as handle:
         adamw = json.load(handle)
     adamw["optimizer"]["params"]["torch_adam"] = True  # FusedAdam needs CUDA
@@ -298,3 +297,64 @@ def load_elsewhere(rank: int, world_size: int, checkpoint_root: str) -> dict:
     except ValueError as error:
         out["without_rank_files"] = str(error)
     return out
+
+
+NODE_RANKS = 2  # nodes_all runs 4 ranks as 2 nodes of 2
+# name -> (precision, shipped config, ZeRO stage, extra DistLion params)
+NODE_RUNS = {"zero1_fp32": ("fp32", "ds_config_distlion.json", 1, {"ranks_per_node": NODE_RANKS}),
+             "zero2_bf16": ("bf16", "ds_config_distlion_zero2.json", 2, {})}
+
+
+def state_numel(optimizer: DistLion) -> int:
+    """Elements of the optimizer state this rank holds (momentum, master weights, vote EMA)."""
+    return sum(t.numel() for state in optimizer.state.values() for t in state.values())
+
+
+class _LogRecorder(logging.Handler):
+    """Keep the messages of one logger (INFO and up)."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def nodes_all(rank: int, world_size: int, checkpoint_root: str) -> dict:
+    """ZeRO 1 and 2 configs on 2 nodes of 2: train with a checkpoint at K, resume, try what must fail."""
+    _prepare(rank, world_size)
+    # What the deepspeed launcher sets on a node of NODE_RANKS processes ("auto" reads it).
+    os.environ.update(LOCAL_SIZE=str(NODE_RANKS), LOCAL_RANK=str(rank % NODE_RANKS))
+    os.environ.pop("LOCAL_WORLD_SIZE", None)
+    logs = _LogRecorder("distlion.deepspeed")
+    results = {}
+    for name, (precision, config_name, stage, params) in NODE_RUNS.items():
+        config = ds_config(precision, stage, config_name, **params)
+        save_dir = os.path.join(checkpoint_root, name)
+        engine, _ = new_engine(precision, config)
+        result = {"ranks_per_node": get_distlion(engine).ranks_per_node, "state_numel":
+                  state_numel(get_distlion(engine)), "deepspeed_stage": engine.zero_optimization_stage()}
+        result.update(train_steps(engine, rank, range(2 * K), save_dir=save_dir))
+        engine, _ = new_engine(precision, config)  # a fresh engine resumes from step K
+        engine.load_checkpoint(save_dir)
+        result["resumed"] = train_steps(engine, rank, range(K, 2 * K))
+        results[name] = result
+    # One rank per node: the whole state on every rank; the 2-rank-node checkpoint must not load.
+    engine, _ = new_engine("fp32", ds_config("fp32", 1, ranks_per_node=1))
+    results["flat"] = {"state_numel": state_numel(get_distlion(engine)), "load_error": None}
+    try:
+        engine.load_checkpoint(os.path.join(checkpoint_root, "zero1_fp32"))
+    except ValueError as error:
+        results["flat"]["load_error"] = str(error)
+    results["plain_fp32"] = plain_distlion(rank, ranks_per_node=NODE_RANKS)
+    try:
+        new_engine("fp32", ds_config("fp32", 3))
+        results["stage3_error"] = None
+    except ValueError as error:
+        results["stage3_error"] = str(error)
+    results["logs"] = logs.messages
+    return results

@@ -46,24 +46,27 @@ def _node_gradient(node: int, ranks_per_node: int, step: int, style: str) -> tor
 
 
 def simulate(world_size: int, steps: int, style: str, vote: str = "majority",
-             vote_ema_beta: float | None = None, ranks_per_node: int = 1) -> list[list[torch.Tensor]]:
+             vote_ema_beta: float | None = None, ranks_per_node: int = 1,
+             bucket_sizes: list[int] | None = None) -> list[list[torch.Tensor]]:
     """Simulate ``world_size`` ranks in nodes of ``ranks_per_node``; one list of parameters per step.
 
     With ``vote_ema_beta`` the voted step is scaled by the squared, bias-corrected EMA of
-    the voted steps (DistLion's docstring).
+    the voted steps (DistLion's docstring). ``bucket_sizes``: the parameters' coordinates
+    per bucket, in order (default one bucket); the zero rule counts from each bucket's start.
     """
     voters = world_size // ranks_per_node
     x = torch.cat([p.detach().reshape(-1) for p in _params()])
     d = x.numel()
     m = [torch.zeros(d) for _ in range(voters)]
     ema = torch.zeros(d)
+    index_in_bucket = torch.cat([torch.arange(n) for n in (bucket_sizes or [d])])
     history = []
     for step in range(1, steps + 1):
         signs = []
         for i in range(voters):
             g = _node_gradient(i, ranks_per_node, step, style)
             c = (m[i] * BETAS[0]).add(g, alpha=1 - BETAS[0])
-            zero_sign = torch.where((torch.arange(d) + step) % 2 == 0, 1.0, -1.0)
+            zero_sign = torch.where((index_in_bucket + step) % 2 == 0, 1.0, -1.0)
             signs.append(torch.where(c > 0, 1.0, torch.where(c < 0, -1.0, zero_sign)))
             m[i] = (m[i] * BETAS[1]).add(g, alpha=1 - BETAS[1])
         total = torch.stack(signs).sum(0)

@@ -1,9 +1,10 @@
 """DistLion in real ``accelerate launch`` jobs: 2 gloo CPU processes running tests/accelerate_job.py.
 
-Five launches serve all tests (each costs seconds of imports on a small CPU machine):
+Six launches serve all tests (each costs seconds of imports on a small CPU machine):
 train (DistLion and AdamW side by side, save_state at step K), resume from K in a fresh
-launch, gradient accumulation under bf16, fp16 with an inf on rank 1, and a 3-process
-launch that loads the 2-process checkpoint. Every launch runs the command the README
+launch, gradient accumulation under bf16, fp16 with an inf on rank 1, a 3-process
+launch that loads the 2-process checkpoint, and 4 processes as 2 nodes of 2
+(ranks_per_node=2: train, save_state, load_state, train again). Every launch runs the command the README
 shows, under a timeout, so a hang fails instead of stalling CI.
 """
 
@@ -233,6 +234,30 @@ def test_load_with_another_world_size_fails_clearly_without_hanging(trained, out
         in result.stderr
     assert "relaunch with --num_processes 2" in result.stderr
     assert not (out / "wrong_world" / "load_rank0.pt").exists()
+
+
+@pytest.mark.timeout(300)
+def test_nodes_of_two_ranks_train_identical_replicas_and_resume_bit_for_bit(out):
+    world, ranks_per_node = 4, 2
+    launch_ok("--phase", "nodes", "--out", str(out / "nodes"), "--steps", str(STEPS), "--save-at", str(SAVE_AT),
+              "--ckpt", str(out / "nodes" / "ckpt"), "--ranks-per-node", str(ranks_per_node), num_processes=world)
+    ranks = results(out / "nodes", "nodes", world)
+    numel = sum(p.numel() for p in job.make_model(0).parameters())
+    for rank, result in enumerate(ranks):
+        assert result["ranks_per_node"] == ranks_per_node
+        assert result["state_numel"] <= numel // ranks_per_node + 64  # this rank's chunk of the momentum
+        full, again = result["full"], result["resumed"]
+        assert len(full["params"]) == STEPS and len(again["params"]) == STEPS - SAVE_AT
+        assert all(full["params_same"]) and all(again["params_same"]), f"rank {rank}: replicas differ"
+        assert not any(full["grads_same"]), f"rank {rank}: gradients were all-reduced"
+        for step, (a, b) in enumerate(zip(full["params"][SAVE_AT:], again["params"]), start=SAVE_AT):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), f"rank {rank}: parameters differ after step {step}"
+        assert all(torch.equal(a, b) for a, b in zip(full["momentum"], again["momentum"]))
+        assert again["comm"] == full["comm"] and again["lr"] == full["lr"]
+        assert full["comm"]["ranks_per_node"] == ranks_per_node and full["comm"]["inter_node_bytes_sent"] > 0
+    assert sum(result["state_numel"] for result in ranks[:ranks_per_node]) == numel  # node 0 holds it all once
+    ckpt = out / "nodes" / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("distlion_*")) == sorted(state_file_name(r, world) for r in range(world))
 
 
 # ---------------------------------------------------------------- in-process

@@ -118,20 +118,26 @@ def test_convergence_smoke(tmp_path):
     assert "vs AdamW" in result.stdout
 
 
-@pytest.mark.timeout(180)
-def test_netlink_smoke_or_clean_skip(tmp_path):
+def run_netlink_smoke(out, name: str, *args: str) -> dict | None:
+    """Run netlink's smoke mode; check that it removed its namespaces, or skipped saying why and wrote
+    nothing; return its record (None when it skipped)."""
     reason = netlink.cannot_run()
-    result = subprocess.run([sys.executable, "-m", "benchmarks.netlink", "--smoke", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=170, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_benchmark("netlink", out, *args, timeout=170)
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout \
         if reason is None else ""
     assert "dl-bench-" not in leftovers  # it removed what it created
     if reason is not None:
         assert netlink.SKIP_PREFIX in result.stdout and reason in result.stdout
-        assert not list(tmp_path.iterdir())
+        assert not list(out.iterdir())
+        return None
+    return load(out, name)
+
+
+@pytest.mark.timeout(180)
+def test_netlink_smoke_or_clean_skip(tmp_path):
+    record = run_netlink_smoke(tmp_path, "netlink")
+    if record is None:
         return
-    record = load(tmp_path, "netlink")
     (run,) = record["runs"]
     assert run["world_size"] == 2 and run["rate"] == "1gbit"
     # The interfaces saw at least the payload the counters claim, for both trainers.
@@ -139,6 +145,25 @@ def test_netlink_smoke_or_clean_skip(tmp_path):
         assert run[name]["wire_tx_bytes_per_step"] >= run[name]["bytes_sent_per_step"]
     assert run["ratios"]["counted_bytes_adamw_over_distlion"] > 30
     assert run["ratios"]["phase_adamw_over_distlion_scaled"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_netlink_nodes_smoke_or_clean_skip(tmp_path):
+    record = run_netlink_smoke(tmp_path, "netlink-2x2", "--ranks_per_node", "2")
+    if record is None:
+        return
+    (run,) = record["runs"]
+    assert (run["world_size"], run["nodes"], run["ranks_per_node"]) == (4, 2, 2)
+    assert run["distlion"]["ranks_per_node"] == 1 and run["distlion_node"]["ranks_per_node"] == 2
+    wire = {name: run[name]["wire_tx_bytes_per_step"] for name in ("distlion_node", "distlion", "adamw_ddp")}
+    assert wire["distlion_node"] < wire["distlion"] < wire["adamw_ddp"]
+    node = run["distlion_node"]
+    vote = 2 * node["inter_node_bytes_sent_per_step"]  # the node's two ranks
+    intra = node["bytes_sent_per_step"] - node["inter_node_bytes_sent_per_step"]  # one rank's
+    # The vote crosses the veth; the reduce-scatter and all-gather stay on the node's loopback.
+    assert vote <= node["wire_tx_bytes_per_step"] < intra
+    assert 2 * intra <= node["loopback_tx_bytes_per_step"]
+    assert set(run["targets"]) == {"wire_bytes_adamw_over_node >= 40", "wire_bytes_flat_over_node > 1"}
 
 
 @pytest.mark.timeout(180)

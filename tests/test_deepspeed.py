@@ -1,10 +1,12 @@
-"""DistLion inside DeepSpeed (ZeRO stage 0) on 2 gloo CPU processes: tests/deepspeed_job.py.
+"""DistLion inside DeepSpeed on gloo CPU processes: tests/deepspeed_job.py.
 
-Three launches serve all tests (DeepSpeed's import and init dominate the time): the
-training launch (fp32, bf16, fp16 with an inf on rank 1, a checkpoint at step K), a
-fresh launch that resumes from step K, and a 1-rank launch that loads the 2-rank
-checkpoint. DeepSpeed refuses fp16 on CPUs without oneDNN fp16 kernels; the jobs lift
-that capability check (torch runs fp16 on any CPU), so the loss-scaling path runs here.
+Four launches serve all tests (DeepSpeed's import and init dominate the time): the
+training launch on 2 ranks at ZeRO stage 0 (fp32, bf16, fp16 with an inf on rank 1, a
+checkpoint at step K), a fresh launch that resumes from step K, a 1-rank launch that
+loads the 2-rank checkpoint, and a 4-rank launch of 2 nodes of 2 under ZeRO stage 1 and 2
+configs (train, checkpoint, resume, another ranks_per_node, stage 3). DeepSpeed refuses
+fp16 on CPUs without oneDNN fp16 kernels; the jobs lift that capability check (torch runs
+fp16 on any CPU), so the loss-scaling path runs here.
 """
 
 import inspect
@@ -16,7 +18,7 @@ pytest.importorskip("deepspeed")
 
 import deepspeed_job as job  # noqa: E402
 from distlion import DistLion  # noqa: E402
-from distlion.deepspeed import CONFIG_PARAMS, distlion_kwargs, initialize  # noqa: E402
+from distlion.deepspeed import CONFIG_PARAMS, _at_stage_zero, distlion_kwargs, initialize  # noqa: E402
 from multiprocess import run_ranks  # noqa: E402
 
 WORLD = 2
@@ -89,9 +91,10 @@ def test_wrapper_warm_up_step_is_undone(trained, precision):
 
 
 @pytest.mark.timeout(300)
-def test_fp32_engine_matches_distlion_without_deepspeed(trained):
-    for result in trained:
-        for step, (ds, plain) in enumerate(zip(result["fp32"]["params"], result["plain_fp32"])):
+@pytest.mark.parametrize("launch, run", [("trained", "fp32"), ("nodes", "zero1_fp32")])
+def test_fp32_engine_matches_distlion_without_deepspeed(request, launch, run):
+    for result in request.getfixturevalue(launch):  # "nodes": ZeRO stage 1, ranks_per_node=2 on both sides
+        for step, (ds, plain) in enumerate(zip(result[run]["params"], result["plain_fp32"])):
             assert torch.equal(ds, plain), f"step {step}: DeepSpeed changed DistLion's trajectory"
 
 
@@ -183,35 +186,104 @@ def test_shipped_config_from_launcher_args(trained):
 
 
 @pytest.mark.timeout(300)
-def test_zero_stage_1_and_2_are_refused_on_every_rank(trained):
-    for result in trained:  # both ranks raised and went on: nothing hung
-        assert sorted(result["zero_errors"]) == [1, 2]
-        for stage, message in result["zero_errors"].items():
-            assert f"ZeRO stage {stage}" in message and '"stage": 0' in message
-            assert "reduce-scatters full-precision gradients" in message
-
-
-@pytest.mark.timeout(300)
 def test_other_optimizers_pass_through(trained):
     for result in trained:
         assert result["adamw"] == {"optimizer": "AdamW", "allreduce_enabled": True}
 
 
 @pytest.mark.timeout(60)
-def test_zero_refusal_needs_no_process_group():
-    config = job.ds_config("bf16", stage=1)
-    with pytest.raises(ValueError, match="ZeRO stage 1"):
+@pytest.mark.parametrize("zero, refused", [({"stage": 3}, "ZeRO stage 3"),
+                                           ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer"),
+                                           ({"stage": 1, "cpu_offload": True}, "cpu_offload")])
+def test_zero_stage_3_and_offload_are_refused_without_a_process_group(zero, refused):
+    config = {**job.ds_config("bf16"), "zero_optimization": zero}
+    with pytest.raises(ValueError, match=refused) as error:
         initialize(model=job.build_model(), config=config)
+    if zero["stage"] == 3:
+        assert "not support" in str(error.value) and "FSDP2 (torch.distributed.fsdp.fully_shard)" in str(error.value)
+
+
+@pytest.mark.timeout(60)
+def test_zero_stages_run_deepspeed_at_stage_0():
+    config = {**job.ds_config("bf16"), "zero_optimization": {"stage": 2, "overlap_comm": True}}
+    assert _at_stage_zero(config) == {**config, "zero_optimization": {"stage": 0}}
+    assert config["zero_optimization"]["stage"] == 2  # the caller's config is left alone
+    assert _at_stage_zero({"zero_optimization": True})["zero_optimization"] == {"stage": 0}
 
 
 @pytest.mark.timeout(60)
 def test_config_params_are_checked():
-    assert distlion_kwargs({"betas": [0.9, 0.98], "momentum_dtype": "bfloat16"}) == {
-        "betas": (0.9, 0.98), "momentum_dtype": torch.bfloat16}
+    assert distlion_kwargs({"betas": [0.9, 0.98], "momentum_dtype": "bfloat16", "reduce_dtype": "torch.float32",
+                            "ranks_per_node": "auto"}) == {
+        "betas": (0.9, 0.98), "momentum_dtype": torch.bfloat16, "reduce_dtype": torch.float32,
+        "ranks_per_node": "auto"}
     with pytest.raises(ValueError, match=r"\['eps'\]"):
         distlion_kwargs({"lr": 1e-4, "eps": 1e-8})
-    with pytest.raises(ValueError, match="'float33'"):
-        distlion_kwargs({"momentum_dtype": "float33"})
-    # The entry takes every DistLion argument a JSON file can hold (not the process group).
-    arguments = set(inspect.signature(DistLion).parameters) - {"params", "process_group"}
+    for key in ("momentum_dtype", "reduce_dtype"):
+        with pytest.raises(ValueError, match=f"{key} 'float33'"):
+            distlion_kwargs({key: "float33"})
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        distlion_kwargs({"ranks_per_node": 0})
+    # The entry takes every DistLion argument a JSON file can hold (not the process groups).
+    arguments = set(inspect.signature(DistLion).parameters) - {"params", "process_group", "node_group"}
     assert set(CONFIG_PARAMS) == arguments
+
+
+# ------------------------------------------------- ZeRO 1 / 2: 2 nodes of 2 ranks
+
+NODE_WORLD = 4
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    return run_ranks(job.nodes_all, NODE_WORLD, str(tmp_path_factory.mktemp("deepspeed_nodes")),
+                     timeout=LAUNCH_TIMEOUT)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("run", job.NODE_RUNS)
+def test_zero_configs_train_with_state_sharded_in_the_node(nodes, run):
+    flat = [result["flat"]["state_numel"] for result in nodes]
+    for rank, result in enumerate(r[run] for r in nodes):
+        assert result["ranks_per_node"] == job.NODE_RANKS  # zero2_bf16: "auto" from the launcher's LOCAL_SIZE
+        assert result["deepspeed_stage"] == 0
+        assert result["state_numel"] <= flat[rank] // 2 + 64, f"rank {rank} holds more than half of the state"
+    for node in range(NODE_WORLD // job.NODE_RANKS):  # the node's ranks hold every coordinate's state once
+        ranks = range(node * job.NODE_RANKS, (node + 1) * job.NODE_RANKS)
+        assert sum(nodes[r][run]["state_numel"] for r in ranks) == flat[0]
+    for step in range(2 * job.K):
+        for other in nodes[1:]:
+            assert torch.equal(other[run]["params"][step], nodes[0][run]["params"][step]), f"step {step}"
+            assert torch.equal(other[run]["masters"][step], nodes[0][run]["masters"][step]), f"step {step}"
+    assert not torch.equal(nodes[0][run]["params"][-1], nodes[0][run]["params"][0])
+    stats = nodes[0][run]["comm_stats"]
+    assert stats["ranks_per_node"] == job.NODE_RANKS
+    assert stats["inter_node_bytes_sent"] > 0 and stats["intra_node_bytes_sent"] > 0
+    assert any(f"config ZeRO stage {job.NODE_RUNS[run][2]}, DeepSpeed runs at stage 0" in line and
+               f"ranks_per_node={job.NODE_RANKS}" in line for line in nodes[0]["logs"])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("run", job.NODE_RUNS)
+def test_zero_configs_resume_bit_for_bit(nodes, run):
+    for rank, result in enumerate(r[run] for r in nodes):
+        again = result["resumed"]
+        for step, (a, b) in enumerate(zip(result["params"][job.K:], again["params"]), start=job.K):
+            assert torch.equal(a, b), f"rank {rank}: parameters differ after step {step}"
+        assert torch.equal(result["final"]["momentum"], again["final"]["momentum"])
+        assert again["comm_stats"] == result["comm_stats"] and again["loss_scale"] == result["loss_scale"][job.K:]
+
+
+@pytest.mark.timeout(300)
+def test_zero_resume_with_another_ranks_per_node_fails_on_every_rank(nodes):
+    for result in nodes:
+        error = result["flat"]["load_error"]
+        assert error is not None, "a checkpoint of 2-rank nodes loaded into ranks_per_node=1"
+        assert "ranks per node 2, but this run has ranks per node 1" in error
+        assert "the saved ranks_per_node" in error and "load_optimizer_states=False" in error
+
+
+@pytest.mark.timeout(300)
+def test_zero_stage_3_is_refused_on_every_rank(nodes):
+    for result in nodes:
+        assert "ZeRO stage 3" in result["stage3_error"] and "fully_shard" in result["stage3_error"]

@@ -9,19 +9,12 @@ import torch.distributed as dist
 
 from distlion import DistLion
 from multiprocess import run_ranks
-from simulation import BETAS, LR, SHAPES, WD, _grads, _params, assert_equal_histories, simulate
+from rank_checks import assert_every_rank_skipped_step_2, save_and_resume, train
+from simulation import LR, SHAPES, WD, _grads, _params, assert_equal_histories, simulate
 
 
 def _train(rank, world_size, steps, style, vote, exchange, vote_ema_beta=None):
-    params = _params()
-    opt = DistLion(params, lr=LR, betas=BETAS, weight_decay=WD, vote=vote, exchange=exchange,
-                   vote_ema_beta=vote_ema_beta)
-    history = []
-    for step in range(1, steps + 1):
-        for p, g in zip(params, _grads(rank, step, style)):
-            p.grad = g
-        opt.step()
-        history.append([p.detach().clone() for p in params])
+    history, opt = train(rank, steps, style, vote=vote, exchange=exchange, vote_ema_beta=vote_ema_beta)
     return history, opt.comm_stats, [b.padded_numel for b in opt.layout.buckets]
 
 
@@ -137,41 +130,11 @@ def _nonfinite_on_one_rank(rank, world_size, use_scaler):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("use_scaler", [False, True], ids=["plain", "grad_scaler"])
 def test_nonfinite_gradient_on_one_rank_makes_every_rank_skip(use_scaler):
-    results = run_ranks(_nonfinite_on_one_rank, 3, use_scaler)
-    for snapshots, skipped in results:
-        assert skipped == 1
-        (p1, m1), (p2, m2) = snapshots[0], snapshots[1]
-        assert all(torch.equal(a, b) for a, b in zip(p1, p2))  # no decay, no step
-        assert torch.equal(m1, m2)  # no momentum update
-        assert not torch.equal(snapshots[2][0][0], p2[0])  # training went on
-    for snapshots, _ in results[1:]:
-        for (a, _), (b, _) in zip(snapshots, results[0][0]):
-            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert_every_rank_skipped_step_2(run_ranks(_nonfinite_on_one_rank, 3, use_scaler))
 
 
 def _save_resume(rank, world_size, k, vote_ema_beta=None):
-    def run(params, opt, steps):
-        for step in steps:
-            for p, g in zip(params, _grads(rank, step, "random")):
-                p.grad = g
-            opt.step()
-
-    params = _params()
-    opt = DistLion(params, lr=LR, weight_decay=WD, vote_ema_beta=vote_ema_beta)
-    run(params, opt, range(1, k + 1))
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
-    run(params, opt, range(k + 1, 2 * k + 1))
-
-    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
-    resumed = [torch.nn.Parameter(t) for t in saved["params"]]
-    opt2 = DistLion(resumed, lr=LR, weight_decay=WD, vote_ema_beta=vote_ema_beta)
-    opt2.load_state_dict(saved["opt"])
-    run(resumed, opt2, range(k + 1, 2 * k + 1))
-    momentum_equal = all(torch.equal(opt.state[a][key], opt2.state[b][key])
-                         for a, b in zip(params, resumed) for key in opt.state[a])
-    params_equal = all(torch.equal(a, b) for a, b in zip(params, resumed))
-    return params_equal, momentum_equal, buffer.getvalue()
+    return save_and_resume(rank, k, "random", vote_ema_beta=vote_ema_beta)
 
 
 @pytest.mark.timeout(300)
@@ -179,7 +142,7 @@ def test_state_dict_round_trip_with_the_scaled_step():
     results = run_ranks(_save_resume, 2, 4, 0.9)
     for params_equal, state_equal, _ in results:
         assert params_equal and state_equal
-    saved = torch.load(io.BytesIO(results[0][2]), weights_only=False)
+    saved = torch.load(io.BytesIO(results[0][2]), weights_only=True)
     assert set(saved["opt"]["state"][0]) == {"exp_avg", "vote_ema"} and saved["opt"]["state"][0]["vote_ema"].any()
 
 
@@ -188,7 +151,7 @@ def test_state_dict_round_trip_and_wrong_world_size():
     results = run_ranks(_save_resume, 2, 4)
     for params_equal, momentum_equal, _ in results:
         assert params_equal and momentum_equal
-    saved = torch.load(io.BytesIO(results[1][2]), weights_only=False)
+    saved = torch.load(io.BytesIO(results[1][2]), weights_only=True)
     assert saved["opt"]["distlion"]["rank"] == 1 and saved["opt"]["distlion"]["world_size"] == 2
     single = DistLion([torch.nn.Parameter(t) for t in saved["params"]])  # no process group: world size 1
     with pytest.raises(ValueError, match="saved with world size 2 and ranks_per_node 1, but this run has world size 1 and"):

@@ -5,28 +5,24 @@ exchanges and the scaled step, against ``simulation.simulate(..., ranks_per_node
 """
 
 import io
+import os
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from distlion import DistLion
+from distlion.topology import resolve_ranks_per_node
 from multiprocess import run_ranks
+from rank_checks import assert_every_rank_skipped_step_2, save_and_resume, train
 from simulation import BETAS, LR, WD, _grads, _params, assert_equal_histories, simulate
 
 STEPS = 5
 
 
 def _train(rank, steps, style, vote, exchange, vote_ema_beta, ranks_per_node):
-    params = _params()
-    opt = DistLion(params, lr=LR, betas=BETAS, weight_decay=WD, vote=vote, exchange=exchange,
-                   vote_ema_beta=vote_ema_beta, ranks_per_node=ranks_per_node)
-    history = []
-    for step in range(1, steps + 1):
-        for p, g in zip(params, _grads(rank, step, style)):
-            p.grad = g
-        opt.step()
-        history.append([p.detach().clone() for p in params])
+    history, opt = train(rank, steps, style, vote=vote, exchange=exchange, vote_ema_beta=vote_ema_beta,
+                         ranks_per_node=ranks_per_node)
     state_numel = sum(t.numel() for s in opt.state.values() for t in s.values())
     return history, opt.comm_stats, state_numel, [b.padded_numel for b in opt.layout.buckets]
 
@@ -87,6 +83,21 @@ def test_one_rank_per_node_is_the_flat_vote():
     _check_against_simulation(4, 1, combos)
 
 
+def _many_buckets(rank, world_size):
+    history, opt = train(rank, STEPS, "dyadic", ranks_per_node=2, vote_ema_beta=0.9, bucket_cap_mb=10 * 4 / 2**20)
+    return history, [bucket.numel for bucket in opt.layout.buckets]
+
+
+@pytest.mark.timeout(300)
+def test_many_buckets_through_two_staging_buffers_match_the_simulation():
+    results = run_ranks(_many_buckets, 4)
+    sizes = results[0][1]
+    assert len(sizes) == 3  # (33, 7) alone, (7,), then (5, 3): buckets reuse the two staging buffers in turn
+    expected = simulate(4, STEPS, "dyadic", vote_ema_beta=0.9, ranks_per_node=2, bucket_sizes=sizes)
+    for history, _ in results:
+        assert_equal_histories(history, expected)
+
+
 def _comm_stats(rank, world_size, ranks_per_node):
     return _train(rank, 3, "dyadic", "majority", "auto", None, ranks_per_node)[1]
 
@@ -143,46 +154,20 @@ def _nonfinite_on_one_rank(rank, world_size):
 
 @pytest.mark.timeout(300)
 def test_nonfinite_gradient_on_one_rank_makes_every_rank_of_every_node_skip():
-    results = run_ranks(_nonfinite_on_one_rank, 4)
-    for snapshots, skipped in results:
-        assert skipped == 1
-        (p1, m1), (p2, m2) = snapshots[0], snapshots[1]
-        assert all(torch.equal(a, b) for a, b in zip(p1, p2)) and torch.equal(m1, m2)
-        assert not torch.equal(snapshots[2][0][0], p2[0])
-    for snapshots, _ in results[1:]:
-        for (a, _), (b, _) in zip(snapshots, results[0][0]):
-            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert_every_rank_skipped_step_2(run_ranks(_nonfinite_on_one_rank, 4))
 
 
 def _save_resume(rank, world_size, k):
-    def run(params, opt, steps):
-        for step in steps:
-            for p, g in zip(params, _grads(rank, step, "dyadic")):
-                p.grad = g
-            opt.step()
-
-    params = _params()
-    opt = DistLion(params, lr=LR, weight_decay=WD, vote_ema_beta=0.9, ranks_per_node=2)
-    run(params, opt, range(1, k + 1))
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
-    run(params, opt, range(k + 1, 2 * k + 1))
-
-    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    resumed = [torch.nn.Parameter(t) for t in saved["params"]]
-    opt2 = DistLion(resumed, lr=LR, weight_decay=WD, vote_ema_beta=0.9, ranks_per_node=2)
-    opt2.load_state_dict(saved["opt"])
-    run(resumed, opt2, range(k + 1, 2 * k + 1))
-    same = all(torch.equal(a, b) for a, b in zip(params, resumed)) and all(
-        torch.equal(opt.state[a][key], opt2.state[b][key]) for a, b in zip(params, resumed) for key in opt.state[a])
+    params_equal, state_equal, saved = save_and_resume(rank, k, "dyadic", vote_ema_beta=0.9, ranks_per_node=2)
     # the same file in a run of one rank per node: a clear error naming both topologies, on every rank
-    flat = DistLion([torch.nn.Parameter(t) for t in saved["params"]], vote_ema_beta=0.9, ranks_per_node=1)
+    state = torch.load(io.BytesIO(saved), weights_only=True)
+    flat = DistLion([torch.nn.Parameter(t) for t in state["params"]], vote_ema_beta=0.9, ranks_per_node=1)
     try:
-        flat.load_state_dict(saved["opt"])
+        flat.load_state_dict(state["opt"])
         error = None
     except ValueError as raised:
         error = str(raised)
-    return same, error
+    return params_equal and state_equal, error
 
 
 @pytest.mark.timeout(300)
@@ -234,7 +219,6 @@ def test_explicit_node_and_vote_groups():
 
 
 def _auto(rank, world_size, local_world_size):
-    import os
     os.environ["WORLD_SIZE"], os.environ["LOCAL_WORLD_SIZE"] = str(world_size), str(local_world_size)
     return DistLion(_params()).ranks_per_node
 
@@ -242,7 +226,22 @@ def _auto(rank, world_size, local_world_size):
 @pytest.mark.timeout(120)
 def test_auto_takes_the_local_world_size_when_the_job_spans_nodes():
     assert run_ranks(_auto, 4, 2) == [2] * 4
-    assert run_ranks(_auto, 2, 2) == [1] * 2  # one node: every rank votes
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 8),   # torchrun, Accelerate
+    ({"WORLD_SIZE": "16", "LOCAL_SIZE": "8"}, 8),         # the DeepSpeed launcher
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}, 1),    # one node: every rank votes
+    ({"WORLD_SIZE": "16"}, 1),                            # no node size: every rank votes
+    ({"WORLD_SIZE": "12", "LOCAL_WORLD_SIZE": "8"}, 1),   # uneven nodes: every rank votes
+])
+def test_auto_reads_the_launchers_node_size(monkeypatch, env, expected):
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert resolve_ranks_per_node("auto", int(env["WORLD_SIZE"]), is_world=True) == expected
+    assert resolve_ranks_per_node("auto", int(env["WORLD_SIZE"]), is_world=False) == 1  # a group of the caller's
 
 
 def test_arguments_are_checked():

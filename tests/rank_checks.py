@@ -1,0 +1,66 @@
+"""Worker routines and checks shared by the multi-process tests (run through ``multiprocess.run_ranks``)."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from distlion import DistLion
+from simulation import BETAS, LR, WD, _grads, _params
+
+
+def train(rank: int, steps: int, style: str, **kwargs) -> tuple[list[list[torch.Tensor]], DistLion]:
+    """Train ``steps`` steps on this rank's gradients; return the parameters after each step and the optimizer."""
+    params = _params()
+    opt = DistLion(params, lr=LR, betas=BETAS, weight_decay=WD, **kwargs)
+    history = []
+    for step in range(1, steps + 1):
+        for p, g in zip(params, _grads(rank, step, style)):
+            p.grad = g
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history, opt
+
+
+def save_and_resume(rank: int, k: int, style: str, **kwargs) -> tuple[bool, bool, bytes]:
+    """Train 2k steps; also save after k, resume into a fresh DistLion and train k more.
+
+    Returns whether the resumed run's parameters and state equal the uninterrupted run's,
+    and the saved bytes ({"params", "opt"}).
+    """
+    def run(params, opt, steps):
+        for step in steps:
+            for p, g in zip(params, _grads(rank, step, style)):
+                p.grad = g
+            opt.step()
+
+    params = _params()
+    opt = DistLion(params, lr=LR, weight_decay=WD, **kwargs)
+    run(params, opt, range(1, k + 1))
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
+    run(params, opt, range(k + 1, 2 * k + 1))
+
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    resumed = [torch.nn.Parameter(t) for t in saved["params"]]
+    opt2 = DistLion(resumed, lr=LR, weight_decay=WD, **kwargs)
+    opt2.load_state_dict(saved["opt"])
+    run(resumed, opt2, range(k + 1, 2 * k + 1))
+    state_equal = all(torch.equal(opt.state[a][key], opt2.state[b][key])
+                      for a, b in zip(params, resumed) for key in opt.state[a])
+    params_equal = all(torch.equal(a, b) for a, b in zip(params, resumed))
+    return params_equal, state_equal, buffer.getvalue()
+
+
+def assert_every_rank_skipped_step_2(results: list) -> None:
+    """``results``: per rank, (snapshots of (params, momentum) after steps 1-4, skipped steps)."""
+    for snapshots, skipped in results:
+        assert skipped == 1
+        (p1, m1), (p2, m2) = snapshots[0], snapshots[1]
+        assert all(torch.equal(a, b) for a, b in zip(p1, p2))  # no decay, no step
+        assert torch.equal(m1, m2)  # no momentum update
+        assert not torch.equal(snapshots[2][0][0], p2[0])  # training went on
+    for snapshots, _ in results[1:]:
+        for (a, _), (b, _) in zip(snapshots, results[0][0]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
