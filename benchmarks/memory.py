@@ -6,9 +6,9 @@ N gloo ranks on loopback (CPU) train a GPT for a few steps; every rank reports:
   object (its attributes, lists, dicts and dataclasses, each storage counted once),
   except the model's parameters, listed by kind. For DistLion that is the momentum,
   fp32 master weights (bf16 parameters), vote EMA (``vote_ema_beta``), and the scratch it
-  allocates once: the chunk gradient buffer (the momentum's swap partner), the
-  whole-bucket gradient buffer of the intra-node reduce-scatter (``ranks_per_node`` > 1,
-  in ``reduce_dtype``, fp32 by default), the packed signs and the exchange's send and
+  allocates once: the chunk gradient buffer (the momentum's swap partner), the two
+  staging buffers of the largest bucket that carry the intra-node reduce-scatter
+  (``ranks_per_node`` > 1, in ``reduce_dtype``, fp32 by default), the packed signs and the exchange's send and
   receive buffers. For AdamW: exp_avg, exp_avg_sq and step; with bf16 parameters also the
   fp32 master weights and their fp32 gradients. For ZeRO-1 (torch's
   ``ZeroRedundancyOptimizer``): the same for this rank's shard of the parameters.

@@ -10,16 +10,20 @@ own. Both adapters (``distlion.accelerate``, ``distlion.deepspeed``) keep them h
 which run wrote it. A file holds the optimizer's ``state_dict()`` (or its wrapper's) with
 a ``"distlion"`` section that records the saving run's topology (``TOPOLOGY_FIELDS``).
 
-Loading checks that topology against this run's before anything is applied and names
-every field that differs, the sizes on both sides and the fix. ``fail_together`` shares
-a failure on one rank (a missing, unreadable or mismatched file) with every rank through
-one collective, so every rank raises instead of some waiting for the others forever.
-DistLion's own ``load_state_dict`` checks the rest (layout, vote, param groups).
+Loading reads files with ``torch.load(weights_only=True)`` (``load_file``): tensors and
+plain Python values only, so a crafted file cannot run code, and a truncated or foreign
+file is named as such. It checks the topology against this run's before anything is
+applied and names every field that differs, the sizes on both sides and the fix.
+``fail_together`` shares a failure on one rank (a missing, unreadable or mismatched file)
+with every rank through one collective, so every rank raises instead of some waiting for
+the others forever. DistLion's own ``load_state_dict`` checks the rest (layout, vote,
+param groups).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
@@ -33,6 +37,10 @@ STATE_FILE = "distlion_optimizer{index}_rank{rank}_of_{world_size}.pt"
 STATE_FILE_PATTERN = re.compile(r"^distlion_optimizer(\d+)_rank(\d+)_of_(\d+)\.pt$")
 # What a file must share with the run that loads it. Momentum is per rank and cannot be re-split.
 TOPOLOGY_FIELDS = ("world_size", "ranks_per_node", "rank")
+# How torch.load(weights_only=True) names a type it refuses: "... GLOBAL argparse.Namespace ...".
+REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# What torch.load raises on a damaged or foreign file (a truncated zip: RuntimeError or OSError).
+UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError)
 
 T = TypeVar("T")
 
@@ -105,15 +113,19 @@ def load_state(directory: str, optimizer: DistLion, index: int = 0, *, fix: str,
         missing: what to do when the directory holds no DistLion state at all.
 
     Raises:
-        ValueError: the file is missing or was saved by a run of another topology; the
-            message names what was found, both sides' values and ``fix``.
+        ValueError: the file is missing, unreadable (``load_file``), not a DistLion
+            checkpoint, or was saved by a run of another topology; the message names what
+            was found, both sides' values and ``fix``.
     """
     current = topology(optimizer)
     name = state_file_name(optimizer.rank, optimizer.world_size, index)
     path = os.path.join(directory, name)
     if os.path.isfile(path):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state.get("distlion", {})
+        state = load_file(path, kind="DistLion checkpoint")
+        if not isinstance(state, dict) or not isinstance(state.get("distlion"), dict):
+            raise ValueError(f"{path} is not a DistLion checkpoint: it holds a {type(state).__name__} without the "
+                             "\"distlion\" section save_state writes. Point to a directory saved by DistLion.")
+        saved = state["distlion"]
         mismatch = describe_mismatch(saved, current)
         if mismatch is not None:
             raise ValueError(f"{path} was saved by a run of {mismatch}. Momentum is per rank and cannot be "
@@ -135,6 +147,39 @@ def load_state(directory: str, optimizer: DistLion, index: int = 0, *, fix: str,
                      f"{fix.format(**{**current, **saved})}.")
 
 
+def load_file(path: str, *, kind: str, map_location: Any = "cpu") -> Any:
+    """Return ``torch.load(path, weights_only=True)``; raise a ValueError naming ``path`` if that fails.
+
+    ``weights_only`` unpickles tensors and plain Python values only, so a crafted file
+    cannot run code. Types a trusted file needs beyond those are allowed by the caller,
+    around the call: ``with torch.serialization.safe_globals([MyType]): ...``.
+
+    Args:
+        path: the file.
+        kind: what the file should be, for the message ("DistLion checkpoint").
+        map_location: as in ``torch.load``.
+
+    Raises:
+        ValueError: the file holds a type ``weights_only`` refuses (named in the message),
+            or it is truncated or not a ``kind`` at all. A missing or unreadable file
+            raises the ``OSError`` that says so.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise  # about the path, not the contents: the error says so itself
+    except UNREADABLE as error:
+        refused = REFUSED_GLOBAL.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
+        if refused is not None:
+            name = refused.group(1)
+            raise ValueError(
+                f"{path} holds a pickled {name}, which torch.load(weights_only=True) refuses: unpickling anything but "
+                "tensors and plain Python values can run code, so the file is not loaded. If you saved that type "
+                f"yourself and trust the file, load inside torch.serialization.safe_globals([{name}]).") from error
+        raise ValueError(f"{path} is truncated or not a {kind} (torch.load raised {type(error).__name__}). "
+                         "Save it again, or load a complete copy.") from error
+
+
 def fail_together(action: Callable[[], T], *, source: str, group: Any = None) -> T:
     """Run ``action()`` on every rank of ``group``; if it raises on any rank, raise on every rank.
 
@@ -152,7 +197,7 @@ def fail_together(action: Callable[[], T], *, source: str, group: Any = None) ->
     if error is not None:
         raise error
     if failed:
-        raise RuntimeError(f"DistLion: rank(s) {failed} could not load their optimizer state from {source} (see "
+        raise RuntimeError(f"DistLion: rank(s) {failed} could not load their checkpoint from {source} (see "
                            "their error); this rank stops too instead of waiting for them.")
     return result
 

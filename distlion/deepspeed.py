@@ -28,6 +28,18 @@ instance passed as ``optimizer=``), ``initialize`` also:
   and DistLion's momentum differs on every rank. A missing or mismatched file fails on
   every rank together.
 
+Checkpoints load without running code from them. DeepSpeed reads every checkpoint file
+through its engine's ``checkpoint_engine.load``, which for plain torch files calls
+``torch.load(weights_only=False)``: a crafted ``mp_rank_00_model_states.pt`` would run
+code on every rank. For the duration of the wrapped ``load_checkpoint`` that method is
+replaced, on this engine only, by ``distlion.checkpoint.load_file``: ``torch.load(
+weights_only=True)``, which unpickles tensors and plain Python values only. That is all
+a stage-0 DeepSpeed checkpoint holds (the module's and the optimizer's state dicts,
+counters, the config as a dict, the version string), so nothing is added to torch's
+allowlist. A file that needs more (a type of yours in ``client_state``) fails on every
+rank with a ``ValueError`` naming the file and the refused type; if you trust the file,
+call ``load_checkpoint`` inside ``torch.serialization.safe_globals([YourType])``.
+
 ZeRO stages. DeepSpeed always runs at stage 0 under DistLion: its partitioning and its
 full-precision gradient reduction are the traffic DistLion replaces. DistLion shards its
 own state instead, inside each node (``ranks_per_node``; distlion/optim.py):
@@ -324,12 +336,15 @@ class _PerRankCheckpoints:
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False, **kwargs):
-        """Load a DeepSpeed checkpoint and this rank's own optimizer state; call on every rank."""
+        """Load a DeepSpeed checkpoint and this rank's own optimizer state; call on every rank.
+
+        Every file is read with ``torch.load(weights_only=True)`` (module docstring).
+        """
         if not load_optimizer_states or load_module_only:
-            loaded = self._load(load_dir, tag=tag, load_module_strict=load_module_strict,
-                                load_optimizer_states=load_optimizer_states,
-                                load_lr_scheduler_states=load_lr_scheduler_states,
-                                load_module_only=load_module_only, **kwargs)
+            loaded = self._deepspeed_load(load_dir, tag=tag, load_module_strict=load_module_strict,
+                                          load_optimizer_states=load_optimizer_states,
+                                          load_lr_scheduler_states=load_lr_scheduler_states,
+                                          load_module_only=load_module_only, **kwargs)
             if loaded[0] is not None and hasattr(self.engine.optimizer, "refresh_fp32_params"):
                 # DeepSpeed refreshes the fp32 copies only for load_module_only; without
                 # this, the first step would write the stale copies over the loaded weights.
@@ -338,8 +353,8 @@ class _PerRankCheckpoints:
         if tag is None:
             tag = _latest_tag(load_dir)
             if tag is None:  # DeepSpeed warns and returns (None, None)
-                return self._load(load_dir, tag=None, load_module_strict=load_module_strict,
-                                  load_lr_scheduler_states=load_lr_scheduler_states, **kwargs)
+                return self._deepspeed_load(load_dir, tag=None, load_module_strict=load_module_strict,
+                                            load_lr_scheduler_states=load_lr_scheduler_states, **kwargs)
         # Read (and check) this rank's state before touching the model, so a bad checkpoint
         # fails on every rank together instead of half-loading.
         directory = os.path.join(load_dir, str(tag))
@@ -347,16 +362,40 @@ class _PerRankCheckpoints:
             lambda: checkpoint.load_state(directory, self.optimizer, fix=_FIX, missing=_MISSING), source=directory)
         # DeepSpeed would give every rank rank 0's optimizer state: load the weights and
         # everything else through it, and this rank's own optimizer state here.
-        load_path, client_state = self._load(load_dir, tag=tag, load_module_strict=load_module_strict,
-                                             load_optimizer_states=False,
-                                             load_lr_scheduler_states=load_lr_scheduler_states,
-                                             load_module_only=False, **kwargs)
+        load_path, client_state = self._deepspeed_load(load_dir, tag=tag, load_module_strict=load_module_strict,
+                                                       load_optimizer_states=False,
+                                                       load_lr_scheduler_states=load_lr_scheduler_states,
+                                                       load_module_only=False, **kwargs)
         if load_path is None:
             return load_path, client_state
         # DistLion's own checks (layout, vote) can still fail here, after DeepSpeed's load.
         checkpoint.fail_together(lambda: self.engine.optimizer.load_state_dict(state), source=directory)
         client_state["optimizer"] = state  # what DeepSpeed returns there, for this rank
         return load_path, client_state
+
+    def _deepspeed_load(self, load_dir, **kwargs):
+        """Run DeepSpeed's own load_checkpoint with weights-only reads; a failure on any rank fails every rank."""
+        # At ZeRO stage 0 DeepSpeed's load makes no collective, so the one in fail_together pairs up.
+        with _weights_only_reads(self.engine.checkpoint_engine):
+            return checkpoint.fail_together(lambda: self._load(load_dir, **kwargs), source=str(load_dir))
+
+
+@contextmanager
+def _weights_only_reads(checkpoint_engine):
+    """Make ``checkpoint_engine.load`` (DeepSpeed's reader of every checkpoint file) load weights only."""
+    own = vars(checkpoint_engine).get("load")  # an instance attribute to restore, if one was set
+
+    def load(path, map_location=None):
+        return checkpoint.load_file(path, kind="DeepSpeed checkpoint file", map_location=map_location)
+
+    checkpoint_engine.load = load
+    try:
+        yield
+    finally:
+        if own is None:
+            del checkpoint_engine.load  # the class's method again
+        else:
+            checkpoint_engine.load = own
 
 
 def _latest_tag(load_dir: str) -> str | None:

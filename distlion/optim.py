@@ -26,7 +26,9 @@ move the bytes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -133,13 +135,7 @@ class DistLion(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, vote=vote, exchange=exchange,
                         bucket_cap_mb=bucket_cap_mb, master_weights=master_weights,
                         momentum_dtype=momentum_dtype, vote_ema_beta=vote_ema_beta, reduce_dtype=reduce_dtype)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_hyperparameters(group["lr"], group["betas"], group["weight_decay"], group["vote_ema_beta"])
-            for key in ("vote", "exchange", "bucket_cap_mb", "master_weights", "momentum_dtype", "reduce_dtype"):
-                if group[key] != defaults[key]:
-                    raise ValueError(f"{key} must be the same for all param groups; got {group[key]!r} "
-                                     f"in a group and {defaults[key]!r} for the optimizer")
+        super().__init__(params, defaults)  # add_param_group checks each group
 
         self.process_group = _resolve_group(process_group)
         self.vote = vote
@@ -156,6 +152,22 @@ class DistLion(torch.optim.Optimizer):
         self.exchange_name = choose_exchange(exchange, self.topology.nodes)
         self.comm_stats.ranks_per_node = self.ranks_per_node
         self._build(previous=None)
+        self._broadcast_parameters()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (laid out at the next ``step()``), checking its values and parameters."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hyperparameters(group["lr"], group["betas"], group["weight_decay"], group["vote_ema_beta"])
+            for key in ("vote", "exchange", "bucket_cap_mb", "master_weights", "momentum_dtype", "reduce_dtype"):
+                if group[key] != self.defaults[key]:
+                    raise ValueError(f"{key} must be the same for all param groups; got {group[key]!r} "
+                                     f"in a group and {self.defaults[key]!r} for the optimizer")
+            _check_parameters(self._params_in_order())
+        except ValueError:
+            self.param_groups.pop()  # the optimizer stays as it was
+            raise
 
     def _resolve_topology(self, process_group: Any, ranks_per_node: int | str, node_group: Any) -> NodeTopology:
         """Find the nodes, checking on every rank that all ranks agree before any group is built."""
@@ -181,10 +193,32 @@ class DistLion(torch.optim.Optimizer):
         return split_group(self.process_group, resolved)
 
     def _check_agreement(self, groups: list[Any], world_size: int, ranks_per_node: int) -> None:
-        """Raise on every rank of ``groups`` if any of them laid out other parameters or nodes."""
+        """Raise on every rank of ``groups`` if any of them laid out other parameters or nodes, or differs in
+        a setting that must match (lr, betas, weight decay, vote, ...): replicas would drift apart."""
         layout = build_layout(self.param_groups, world_size, self.defaults["bucket_cap_mb"])
+        settings = {key: self.defaults[key] for key in ("vote", "exchange", "master_weights", "momentum_dtype",
+                                                        "reduce_dtype")}
+        for index, group in enumerate(self.param_groups):
+            for key in ("lr", "betas", "weight_decay", "vote_ema_beta"):
+                settings[f"param group {index} {key}"] = group[key]
         for group in groups:
-            _check_layout_agrees(layout, group, ranks_per_node)
+            _check_layout_agrees(layout, group, ranks_per_node, settings)
+
+    def _broadcast_parameters(self) -> None:
+        """Give every rank rank 0's parameters, as DDP does at construction (one collective per bucket and group).
+
+        Through the vote group first (rank j of every node gets node 0's rank j's values),
+        then through the node group (every rank gets its node's first rank's).
+        """
+        for group in (self.topology.vote_group, self.topology.node_group):
+            if group is None:
+                continue
+            source = dist.get_global_rank(group, 0)
+            for buffers in self._buffers:
+                dist.broadcast(buffers.params, src=source, group=group)
+        for buffers in self._buffers:
+            if buffers.master is not None:
+                buffers.master.copy_(self._chunk(buffers.params))
 
     # ------------------------------------------------------------------ layout
 
@@ -235,6 +269,10 @@ class DistLion(torch.optim.Optimizer):
             self._bucket_params.append(members)
         self._laid_out = params
         self._data_ptrs = [p.data_ptr() for p in params]
+        self._masters = [pair for bucket, buffers, members in zip(self.layout.buckets, self._buffers,
+                                                                  self._bucket_params)
+                         for pair in self._master_pairs(bucket, buffers, members)]
+        self._master_versions = [param._version for param, _, _ in self._masters]
         device = self.layout.buckets[0].device if self.layout.buckets else torch.device("cpu")
         chunk_bytes = [bucket.padded_numel // self.ranks_per_node // 8 for bucket in self.layout.buckets]
         self._exchange = make_exchange(self.exchange_name, self.topology.vote_group, chunk_bytes,
@@ -285,13 +323,48 @@ class DistLion(torch.optim.Optimizer):
             return [None] * len(bucket.slots)
         if self.ranks_per_node == 1:
             return slot_views(chunk, bucket)
-        lo = self.topology.local_rank * chunk.numel()
-        hi = lo + chunk.numel()
-        views = []
+        return [chunk[lo:hi] for lo, hi, _ in self._chunk_ranges(bucket, chunk.numel())]
+
+    def _chunk_ranges(self, bucket: Bucket, chunk_numel: int) -> list[tuple[int, int, int]]:
+        """Per parameter of ``bucket``: (start, end) of its part in this rank's chunk, and where that part
+        starts in the parameter (an empty part for a parameter outside the chunk)."""
+        lo = self.topology.local_rank * chunk_numel
+        ranges = []
         for slot in bucket.slots:
-            start, end = max(slot.offset, lo), min(slot.offset + slot.numel, hi)
-            views.append(chunk[start - lo:max(start, end) - lo])
-        return views
+            start, end = max(slot.offset, lo), min(slot.offset + slot.numel, lo + chunk_numel)
+            ranges.append((start - lo, max(start, end) - lo, start - slot.offset))
+        return ranges
+
+    def _master_pairs(self, bucket: Bucket, buffers: _BucketBuffers, members: list[Tensor]) -> list[tuple]:
+        """(parameter, its master weights, the part of the parameter they hold) for a bucket with masters."""
+        if buffers.master is None:
+            return []
+        masters = [self.state[param]["master"] for param in members]
+        if self.ranks_per_node == 1:
+            return [(param, master, param.data) for param, master in zip(members, masters)]
+        return [(param, master, param.data.view(-1)[first:first + master.numel()])
+                for param, master, (_, _, first) in zip(members, masters,
+                                                         self._chunk_ranges(bucket, buffers.master.numel()))]
+
+    def _follow_parameter_changes(self, compare_all: bool) -> None:
+        """Re-seed the master weights of parameters changed in place since DistLion last wrote them.
+
+        A parameter changed in place (``load_state_dict``, re-initialisation) bumps its
+        ``_version``; DistLion writes through the bucket, which does not. Where the changed
+        parameter no longer equals its rounded master, the parameter wins: its values become
+        the master's. ``compare_all`` compares every parameter (after a re-layout).
+        """
+        reseeded = 0
+        for index, (param, master, part) in enumerate(self._masters):
+            version = param._version
+            if compare_all or version != self._master_versions[index]:
+                if not torch.equal(master.to(part.dtype), part):
+                    master.copy_(part)
+                    reseeded += 1
+                self._master_versions[index] = version
+        if reseeded:
+            logger.info("DistLion: %d parameter(s) changed in place; their fp32 master weights now hold the "
+                        "new values", reseeded)
 
     def _layout_is_current(self) -> bool:
         return [p.data_ptr() for p in self._params_in_order()] == self._data_ptrs
@@ -316,6 +389,7 @@ class DistLion(torch.optim.Optimizer):
         if self._pending_tensors is not None:
             self._load_tensors(self._pending_tensors)
             self._pending_tensors = None
+        self._follow_parameter_changes(compare_all=True)  # new values beat carried master weights
 
     # -------------------------------------------------------------------- step
 
@@ -330,6 +404,7 @@ class DistLion(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._ensure_layout()
+        self._follow_parameter_changes(compare_all=False)
         self._check_scaled_groups()
         step = self._step + 1
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
@@ -528,10 +603,15 @@ class DistLion(torch.optim.Optimizer):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
                              f"{len(self.param_groups)}")
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            try:
+                _check_hyperparameters(saved["lr"], saved["betas"], saved["weight_decay"], saved.get("vote_ema_beta"))
+            except (KeyError, ValueError) as error:
+                raise ValueError(f"DistLion state has a bad param group {index}: {error}") from None
             if (saved.get("vote_ema_beta") is None) != (group["vote_ema_beta"] is None):
                 raise ValueError(f"DistLion state was saved with vote_ema_beta={saved.get('vote_ema_beta')!r} in "
                                  f"param group {index}, this optimizer has {group['vote_ema_beta']!r}: build it "
                                  f"with the saved setting (the scaled step keeps a per-coordinate EMA).")
+        self._check_saved_tensors(state_dict["state"])
         for group, saved in zip(self.param_groups, saved_groups):
             for key, value in saved.items():
                 if key != "params":
@@ -542,6 +622,31 @@ class DistLion(torch.optim.Optimizer):
             self._pending_tensors = state_dict["state"]
         self._step = int(meta["step"])
         self.comm_stats.load(meta.get("comm_stats", {}))
+
+    def _check_saved_tensors(self, saved: dict) -> None:
+        """Raise unless ``saved`` holds, for every laid-out parameter, each state tensor with its exact shape,
+        a floating dtype and finite values (a NaN momentum would move its coordinate by lr forever)."""
+        expected = {index: self.state[param] for index, param in enumerate(self._laid_out) if param in self.state}
+        if not isinstance(saved, dict):
+            raise ValueError(f"DistLion state's 'state' is a {type(saved).__name__}, not a dict of tensors")
+        for index, state in expected.items():
+            entry = saved.get(index, saved.get(str(index)))
+            if not isinstance(entry, dict) or set(entry) != set(state):
+                found = sorted(entry) if isinstance(entry, dict) else entry
+                raise ValueError(f"DistLion state of parameter {index} (shape {tuple(self._laid_out[index].shape)}) "
+                                 f"holds {found}, expected {sorted(state)}: the file is incomplete or not this "
+                                 f"optimizer's")
+            for key, target in state.items():
+                value = entry[key]
+                if not isinstance(value, Tensor) or value.shape != target.shape or not value.is_floating_point():
+                    described = (f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor)
+                                 else type(value).__name__)
+                    raise ValueError(f"DistLion state '{key}' of parameter {index} is {described}, expected a "
+                                     f"floating tensor of shape {tuple(target.shape)}")
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"DistLion state '{key}' of parameter {index} holds inf or nan: the saved "
+                                     f"run had overflowed (e.g. an fp16 momentum) or the file is damaged; load "
+                                     f"an earlier checkpoint or start the optimizer fresh")
 
     def _load_tensors(self, saved: dict) -> None:
         """Copy saved per-parameter tensors (momentum, master weights) into the buckets."""
@@ -555,20 +660,43 @@ class DistLion(torch.optim.Optimizer):
 
 # --------------------------------------------------------------------- helpers
 
+def _is_real(value: Any) -> bool:
+    """A Python or 0-dim tensor number that is not a bool (True is an int to Python)."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and value.dtype != torch.bool and not value.is_complex()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_hyperparameters(lr: float, betas: tuple[float, float], weight_decay: float,
                            vote_ema_beta: float | None) -> None:
-    if not (isinstance(lr, (int, float)) and lr >= 0.0):
-        raise ValueError(f"Invalid learning rate: {lr!r}; use a non-negative number")
-    if len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r}; use a pair (beta1, beta2)")
+    if not (_is_real(lr) and 0.0 <= float(lr) < math.inf):
+        raise ValueError(f"Invalid learning rate: {lr!r}; use a finite non-negative number, e.g. 1e-4")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r}; use a pair (beta1, beta2), e.g. (0.9, 0.99)")
     for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
+        if not (_is_real(beta) and 0.0 <= float(beta) < 1.0):
             raise ValueError(f"Invalid beta parameter at index {i}: {beta!r}; use a value in [0, 1)")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay!r}; use a non-negative number")
-    if vote_ema_beta is not None and not (isinstance(vote_ema_beta, (int, float)) and 0.0 <= vote_ema_beta < 1.0):
+    if not (_is_real(weight_decay) and 0.0 <= float(weight_decay) < math.inf):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay!r}; use a finite non-negative number, "
+                         f"e.g. 0.1")
+    if vote_ema_beta is not None and not (_is_real(vote_ema_beta) and 0.0 <= vote_ema_beta < 1.0):
         raise ValueError(f"Invalid vote_ema_beta: {vote_ema_beta!r}; use a value in [0, 1), e.g. 0.9, or None "
                          f"for Lion's unscaled step")
+
+
+def _check_parameters(params: list[Tensor]) -> None:
+    """Raise for a parameter listed twice (its bucket slots would update it twice) or one on the meta device."""
+    seen: dict[int, int] = {}
+    for position, param in enumerate(params):
+        if id(param) in seen:
+            raise ValueError(f"The parameter of shape {tuple(param.shape)} is listed twice, at positions "
+                             f"{seen[id(param)]} and {position} of the optimizer's parameters: pass each parameter "
+                             f"once (e.g. list(dict.fromkeys(params)) for tied weights)")
+        seen[id(param)] = position
+        if param.device.type == "meta":
+            raise ValueError(f"The parameter of shape {tuple(param.shape)} at position {position} is on the meta "
+                             f"device: materialise the model first (e.g. model.to_empty(device=...) and initialise "
+                             f"it), then build DistLion")
 
 
 def _resolve_group(process_group: Any) -> Any:
@@ -579,22 +707,39 @@ def _resolve_group(process_group: Any) -> Any:
     return None
 
 
-def _check_layout_agrees(layout: BucketLayout, group: Any, ranks_per_node: int) -> None:
-    """Raise on every rank of ``group`` if any rank laid out other parameters or nodes (instead of hanging later)."""
+def _setting_digest(value: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:8], "little", signed=True)
+
+
+def _check_layout_agrees(layout: BucketLayout, group: Any, ranks_per_node: int, settings: dict[str, Any]) -> None:
+    """Raise on every rank of ``group`` if any rank laid out other parameters or nodes, or has other
+    ``settings`` (instead of hanging later, or drifting apart)."""
     if group is None or dist.get_world_size(group) == 1:
         return
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
         else torch.device("cpu")
     digest = bytes.fromhex(layout.signature())
-    mine = torch.tensor([ranks_per_node, layout.num_params, layout.numel, len(layout.buckets), *digest],
-                        dtype=torch.int64, device=device)
+    header = [ranks_per_node, layout.num_params, layout.numel, len(layout.buckets), *digest]
+    mine = torch.tensor(header + [_setting_digest(value) for value in settings.values()], dtype=torch.int64,
+                        device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     if all(torch.equal(other, mine) for other in everyone):
         return
-    lines = [f"rank {r}: ranks_per_node {int(t[0])}, {int(t[1])} parameters, {int(t[2]):,} elements, {int(t[3])} "
-             f"bucket(s), layout {bytes(t[4:].tolist()).hex()[:12]}" for r, t in enumerate(everyone)]
-    raise RuntimeError("DistLion: the parameter layout or ranks_per_node differs between ranks (this is rank "
-                       f"{dist.get_rank(group)} of this group):\n  " + "\n  ".join(lines) + "\nBuild the same "
-                       "model on every rank, pass the same parameters, in the same order and param groups, and the "
-                       "same ranks_per_node to DistLion.")
+    here = dist.get_rank(group)
+    if any(not torch.equal(other[:len(header)], mine[:len(header)]) for other in everyone):
+        lines = [f"rank {r}: ranks_per_node {int(t[0])}, {int(t[1])} parameters, {int(t[2]):,} elements, "
+                 f"{int(t[3])} bucket(s), layout {bytes(t[4:len(header)].tolist()).hex()[:12]}"
+                 for r, t in enumerate(everyone)]
+        raise RuntimeError("DistLion: the parameter layout or ranks_per_node differs between ranks (this is rank "
+                           f"{here} of this group):\n  " + "\n  ".join(lines) + "\nBuild the same model on every "
+                           "rank, pass the same parameters, in the same order and param groups, and the same "
+                           "ranks_per_node to DistLion.")
+    differing = []
+    for position, name in enumerate(settings, start=len(header)):
+        ranks = [r for r, t in enumerate(everyone) if t[position] != everyone[0][position]]
+        if ranks:
+            differing.append(f"{name} (here {settings[name]!r}; ranks {ranks} differ from rank 0)")
+    raise RuntimeError(f"DistLion: settings differ between ranks (this is rank {here} of this group): "
+                       + "; ".join(differing) + ". Every rank applies the same vote, so every rank needs the same "
+                       "settings: build DistLion with the same arguments on every rank.")

@@ -9,6 +9,8 @@ rank-dependent data, and returns plain tensors and numbers for the tests to asse
     resume_all      fresh engines that load the step-K checkpoints and train to 2*K
     load_elsewhere  load the 2-rank checkpoints with another world size: the error, then
                     the weights alone; a checkpoint without the per-rank files
+    load_crafted    save a checkpoint, replace its model-states file with pickles that would
+                    run code when loaded (torch.save and plain pickle), load each
     nodes_all       4 ranks as 2 nodes of 2 under ZeRO stage 1 (fp32, ranks_per_node=2) and
                     stage 2 (bf16, "auto" from the launcher's LOCAL_SIZE): train, checkpoint,
                     resume in fresh engines; ranks_per_node=1's state and its failed load of
@@ -23,6 +25,8 @@ import argparse
 import json
 import logging
 import os
+import pickle
+import shlex
 import shutil
 
 import deepspeed
@@ -62,6 +66,13 @@ def _allow_fp16_on_cpu() -> None:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
         accelerator.is_fp16_supported = lambda: True
+
+
+def _precisions(rank: int, world_size: int) -> tuple[str, ...]:
+    """Set up this rank for every precision (fp16 on CPU included) and return them."""
+    _prepare(rank, world_size)
+    _allow_fp16_on_cpu()
+    return PRECISIONS
 
 
 def ds_config(precision: str, stage: int = 0, name: str = "ds_config_distlion.json", **params) -> dict:
@@ -219,10 +230,8 @@ def from_args(rank: int) -> dict:
 
 def train_all(rank: int, world_size: int, checkpoint_root: str) -> dict:
     """Train every precision with an injected inf, checkpoint at K; try AdamW."""
-    _prepare(rank, world_size)
-    _allow_fp16_on_cpu()
     results = {}
-    for precision in PRECISIONS:
+    for precision in _precisions(rank, world_size):
         engine, optimizer = new_engine(precision)
         distlion = get_distlion(engine)
         result = {
@@ -259,10 +268,8 @@ def train_all(rank: int, world_size: int, checkpoint_root: str) -> dict:
 
 def resume_all(rank: int, world_size: int, checkpoint_root: str) -> dict:
     """Load each precision's step-K checkpoint in fresh engines and train to 2*K."""
-    _prepare(rank, world_size)
-    _allow_fp16_on_cpu()
     results = {}
-    for precision in PRECISIONS:
+    for precision in _precisions(rank, world_size):
         engine, _ = new_engine(precision)
         load_path, client_state = engine.load_checkpoint(os.path.join(checkpoint_root, precision))
         result = {"load_path": load_path, "global_steps_loaded": engine.global_steps,
@@ -296,6 +303,50 @@ def load_elsewhere(rank: int, world_size: int, checkpoint_root: str) -> dict:
         out["without_rank_files"] = None
     except ValueError as error:
         out["without_rank_files"] = str(error)
+    return out
+
+
+MARKER = "code_ran"  # the file a crafted checkpoint creates when unpickling it runs code
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's weights, read by every rank
+CRAFTED = ("torch_save", "pickle")
+
+
+class RunsCode:
+    """Unpickles by running ``touch <path>`` in a shell: what a malicious checkpoint can do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (shlex.join(["touch", self.path]),)
+
+
+def load_crafted(rank: int, world_size: int, checkpoint_root: str) -> dict:
+    """Save a checkpoint, replace its model-states file with crafted pickles, load each on every rank."""
+    _prepare(rank, world_size)
+    engine, _ = new_engine("fp32")
+    engine.save_checkpoint(checkpoint_root, tag="crafted")
+    path = os.path.join(checkpoint_root, "crafted", MODEL_STATES)
+    crafted = {"module": RunsCode(os.path.join(checkpoint_root, MARKER))}
+    out = {}
+    for form in CRAFTED:
+        torch.distributed.barrier()  # every rank is done with the previous file
+        if rank == 0:
+            if form == "torch_save":
+                torch.save(crafted, path)
+            else:
+                with open(path, "wb") as handle:
+                    pickle.dump(crafted, handle, protocol=2)  # torch.load's own protocol: reaches the GLOBAL
+        torch.distributed.barrier()
+        try:
+            engine.load_checkpoint(checkpoint_root)
+            out[form] = {"error": None}
+        except Exception as error:  # what each rank raised, for the test to compare
+            out[form] = {"error": type(error).__name__, "message": str(error)}
+    out["reader_restored"] = "load" not in vars(engine.checkpoint_engine)
+    total = torch.tensor([1])
+    torch.distributed.all_reduce(total)  # every rank returned from the loads: a collective still pairs up
+    out["ranks_after"] = int(total)
     return out
 
 

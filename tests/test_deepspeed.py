@@ -1,15 +1,17 @@
 """DistLion inside DeepSpeed on gloo CPU processes: tests/deepspeed_job.py.
 
-Four launches serve all tests (DeepSpeed's import and init dominate the time): the
+Five launches serve all tests (DeepSpeed's import and init dominate the time): the
 training launch on 2 ranks at ZeRO stage 0 (fp32, bf16, fp16 with an inf on rank 1, a
 checkpoint at step K), a fresh launch that resumes from step K, a 1-rank launch that
-loads the 2-rank checkpoint, and a 4-rank launch of 2 nodes of 2 under ZeRO stage 1 and 2
-configs (train, checkpoint, resume, another ranks_per_node, stage 3). DeepSpeed refuses
+loads the 2-rank checkpoint, a 2-rank launch that loads crafted model-states files, and a
+4-rank launch of 2 nodes of 2 under ZeRO stage 1 and 2 configs (train, checkpoint,
+resume, another ranks_per_node, stage 3). DeepSpeed refuses
 fp16 on CPUs without oneDNN fp16 kernels; the jobs lift that capability check (torch runs
 fp16 on any CPU), so the loss-scaling path runs here.
 """
 
 import inspect
+import os
 
 import pytest
 import torch
@@ -174,6 +176,19 @@ def test_other_world_size_is_a_clear_error_and_weights_still_load(trained, check
         assert torch.equal(result[precision]["state"]["params"], at_k)
         assert not result[precision]["state"]["momentum"].any()
     assert "No DistLion optimizer state for rank 0" in result["without_rank_files"]
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_that_would_run_code_is_refused_on_every_rank(tmp_path):
+    results = run_ranks(job.load_crafted, WORLD, str(tmp_path), timeout=LAUNCH_TIMEOUT)
+    assert not (tmp_path / job.MARKER).exists(), "loading the checkpoint ran code from it"
+    refused = f"{job.MODEL_STATES} holds a pickled {os.system.__module__}.system, which torch.load(weights_only=True)"
+    for rank, result in enumerate(results):
+        for form in job.CRAFTED:
+            assert result[form]["error"] == "ValueError", (rank, form, result[form])
+            assert refused in result[form]["message"] and "safe_globals" in result[form]["message"]
+        assert result["reader_restored"]  # DeepSpeed's own reader is back after the load
+        assert result["ranks_after"] == WORLD
 
 
 @pytest.mark.timeout(300)

@@ -348,13 +348,21 @@ def _compare_step(greater, equal, plane, BIT: tl.constexpr):
 
 
 @triton.jit
-def _majority_kernel(packed_ptr, casting_ptr, out_ptr, n_words,
-                     N: tl.constexpr, P: tl.constexpr, HALF: tl.constexpr, BW: tl.constexpr):
+def _count_block(packed_ptr, out_ptr, n_words, N: tl.constexpr, P: tl.constexpr, BW: tl.constexpr):
+    """This program's BW words: offsets, mask, a zero word (out's dtype) and the count planes p0..p15."""
     offs = tl.program_id(0) * BW + tl.arange(0, BW)
     mask = offs < n_words
     zero = tl.zeros([BW], dtype=out_ptr.dtype.element_ty)
     p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = _bit_sliced_count(
         packed_ptr + offs, n_words, mask, zero, N, P)
+    return offs, mask, zero, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15
+
+
+@triton.jit
+def _majority_kernel(packed_ptr, casting_ptr, out_ptr, n_words,
+                     N: tl.constexpr, P: tl.constexpr, HALF: tl.constexpr, BW: tl.constexpr):
+    offs, mask, zero, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = _count_block(
+        packed_ptr, out_ptr, n_words, N, P, BW)
     greater = zero
     equal = ~zero
     # Planes at or above P are zero and so are HALF's bits there: skip them.
@@ -425,11 +433,8 @@ def majority_vote(packed: Tensor, out: Tensor, *, casting_rank: int) -> None:
 @triton.jit
 def _vote_counts_kernel(packed_ptr, out_ptr, n_words,
                         N: tl.constexpr, P: tl.constexpr, B: tl.constexpr, BW: tl.constexpr):
-    offs = tl.program_id(0) * BW + tl.arange(0, BW)
-    mask = offs < n_words
-    zero = tl.zeros([BW], dtype=out_ptr.dtype.element_ty)
-    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = _bit_sliced_count(
-        packed_ptr + offs, n_words, mask, zero, N, P)
+    offs, mask, zero, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = _count_block(
+        packed_ptr, out_ptr, n_words, N, P, BW)
     ptrs = out_ptr + offs
     # Planes at or above P are still zero, which is what those output planes must hold.
     # Each store steps the pointer by one plane (64-bit pointer arithmetic, no int32 product).

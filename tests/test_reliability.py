@@ -1,0 +1,133 @@
+"""Defects a careless or hostile user meets: each is an error naming the value, or handled, never silent."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from distlion import DistLion
+from multiprocess import run_ranks
+from simulation import _grads, _params
+
+
+def _bf16_model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(64, 64).to(torch.bfloat16)
+
+
+def _step(model, opt):
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+
+
+def test_master_weights_follow_weights_loaded_after_construction():
+    model = _bf16_model()
+    opt = DistLion(model.parameters(), lr=1e-3)
+    model.load_state_dict({k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()})
+    _step(model, opt)
+    # one step of lr from the loaded 0.5, not a jump back to the initial weights
+    assert (model.weight.float() - 0.5).abs().max().item() <= 2e-3
+
+
+def test_master_weights_follow_reinitialisation_and_replaced_data():
+    model = _bf16_model()
+    opt = DistLion(model.parameters(), lr=1e-3)
+    _step(model, opt)
+    with torch.no_grad():
+        torch.nn.init.zeros_(model.bias)                            # in place
+    model.weight.data = torch.full_like(model.weight, 0.25)         # replaced: a re-layout
+    _step(model, opt)
+    assert model.bias.float().abs().max().item() <= 2e-3
+    assert (model.weight.float() - 0.25).abs().max().item() <= 2e-3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=float("inf")), "Invalid learning rate: inf"),
+    (dict(lr=True), "Invalid learning rate: True"),
+    (dict(lr=float("nan")), "Invalid learning rate: nan"),
+    (dict(weight_decay=float("inf")), "Invalid weight_decay value: inf"),
+    (dict(betas=None), "Invalid betas: None"),
+    (dict(betas=(0.9, "0.99")), "Invalid beta parameter at index 1: '0.99'"),
+])
+def test_bad_hyperparameters_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        DistLion(_params(), **kwargs)
+
+
+def test_add_param_group_is_checked_and_leaves_the_optimizer_unchanged():
+    opt = DistLion(_params())
+    with pytest.raises(ValueError, match="Invalid learning rate: nan"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": float("nan")})
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check
+        opt.add_param_group({"params": [opt.param_groups[0]["params"][0]]})
+    assert len(opt.param_groups) == 1
+
+
+def test_duplicate_parameter_is_an_error_naming_shape_and_positions():
+    params = _params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about the duplicate first
+        with pytest.raises(ValueError, match=r"shape \(7,\) is listed twice, at positions 1 and 3"):
+            DistLion([*params, params[1]])
+
+
+def test_meta_parameters_are_refused_at_construction():
+    with pytest.raises(ValueError, match="is on the meta device: materialise the model first"):
+        DistLion([torch.nn.Parameter(torch.zeros(4, device="meta"))])
+
+
+def _trained_state():
+    params = _params()
+    opt = DistLion(params, lr=0.01, weight_decay=0.1)
+    for step in (1, 2):
+        for p, g in zip(params, _grads(0, step, "random")):
+            p.grad = g
+        opt.step()
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s["param_groups"][0].update(lr=float("nan")), "bad param group 0: Invalid learning rate: nan"),
+    (lambda s: s["state"].pop(1), "parameter 1 .* holds None"),
+    (lambda s: s["state"][0].update(exp_avg=torch.zeros(7)), r"is torch.float32 \(7,\), expected .* \(33, 7\)"),
+    (lambda s: s["state"][2].update(exp_avg=torch.zeros(1)), r"expected a floating tensor of shape \(5, 3\)"),
+    (lambda s: s["state"][0]["exp_avg"].__setitem__((0, 0), float("nan")), "holds inf or nan"),
+])
+def test_load_state_dict_refuses_damaged_state(damage, message):
+    state = _trained_state()
+    damaged = copy.deepcopy(state)
+    damage(damaged)
+    opt = DistLion(_params(), lr=0.01, weight_decay=0.1)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(damaged)
+    opt.load_state_dict(state)  # the intact state loads
+
+
+def _settings_differ(rank, world_size):
+    DistLion(_params(), lr=0.01 if rank == 0 else 0.02, vote="majority" if rank < 2 else "average")
+
+
+@pytest.mark.timeout(120)
+def test_settings_that_differ_between_ranks_are_an_error_on_every_rank():
+    with pytest.raises(RuntimeError) as error:
+        run_ranks(_settings_differ, 3, timeout=60)
+    message = str(error.value)
+    assert "settings differ between ranks" in message
+    assert "vote (here" in message and "ranks [2] differ from rank 0" in message
+    assert "param group 0 lr" in message and "ranks [1, 2] differ from rank 0" in message
+
+
+def _different_initial_values(rank, world_size, ranks_per_node):
+    params = _params(seed=rank)  # as if each rank had seeded its model differently
+    DistLion(params, ranks_per_node=ranks_per_node)
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ranks_per_node", [1, 2])
+def test_initial_parameters_are_rank_zeros_on_every_rank(ranks_per_node):
+    expected = [p.detach() for p in _params(seed=0)]
+    for params in run_ranks(_different_initial_values, 4, ranks_per_node):
+        assert all(torch.equal(a, b) for a, b in zip(params, expected))
