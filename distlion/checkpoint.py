@@ -37,8 +37,9 @@ STATE_FILE = "distlion_optimizer{index}_rank{rank}_of_{world_size}.pt"
 STATE_FILE_PATTERN = re.compile(r"^distlion_optimizer(\d+)_rank(\d+)_of_(\d+)\.pt$")
 # What a file must share with the run that loads it. Momentum is per rank and cannot be re-split.
 TOPOLOGY_FIELDS = ("world_size", "ranks_per_node", "rank")
-# How torch.load(weights_only=True) names a type it refuses: "... GLOBAL argparse.Namespace ...".
-REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# How torch.load(weights_only=True) names a type it refuses: "GLOBAL argparse.Namespace" (torch < 2.4:
+# "Unsupported class argparse.Namespace").
+REFUSED_GLOBAL = re.compile(r"(?:GLOBAL|Unsupported class) ([\w.]+)")
 # What torch.load raises on a damaged or foreign file (a truncated zip: RuntimeError or OSError).
 UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError)
 

@@ -32,9 +32,9 @@ Checkpoints load without running code from them. DeepSpeed reads every checkpoin
 through its engine's ``checkpoint_engine.load``, which for plain torch files calls
 ``torch.load(weights_only=False)``: a crafted ``mp_rank_00_model_states.pt`` would run
 code on every rank. For the duration of the wrapped ``load_checkpoint`` that method is
-replaced, on this engine only, by ``distlion.checkpoint.load_file``: ``torch.load(
-weights_only=True)``, which unpickles tensors and plain Python values only. That is all
-a stage-0 DeepSpeed checkpoint holds (the module's and the optimizer's state dicts,
+replaced, on this engine only, by ``distlion.checkpoint.load_file``, which calls
+``torch.load(weights_only=True)``: tensors and plain Python values only. That is all a
+stage-0 DeepSpeed checkpoint holds (the module's and the optimizer's state dicts,
 counters, the config as a dict, the version string), so nothing is added to torch's
 allowlist. A file that needs more (a type of yours in ``client_state``) fails on every
 rank with a ``ValueError`` naming the file and the refused type; if you trust the file,
@@ -84,7 +84,7 @@ logger = logging.getLogger(__name__)
 OPTIMIZER_TYPE = "DistLion"
 # What a "DistLion" entry's params may set: DistLion's keyword arguments that JSON can hold.
 CONFIG_PARAMS = ("lr", "betas", "weight_decay", "vote", "exchange", "bucket_cap_mb", "master_weights",
-                 "momentum_dtype", "vote_ema_beta", "ranks_per_node", "reduce_dtype")
+                 "momentum_dtype", "vote_ema_beta", "ranks_per_node", "reduce_dtype", "timeout")
 DTYPE_PARAMS = ("momentum_dtype", "reduce_dtype")  # given by name in JSON: "float32", "bfloat16"
 # Settings of DeepSpeed's ZeRO optimizer that DistLion cannot stand in for: refused, not ignored.
 REFUSED_ZERO_KEYS = ("offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param")

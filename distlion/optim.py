@@ -30,6 +30,7 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterable
 
 import torch
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from distlion.comm import CommStats, choose_exchange, make_exchange, make_node, ring_allreduce_bytes
+from distlion.comm.flat import wait_for
 from distlion.kernels import kernels_for
 from distlion.kernels.gather import gather_into
 from distlion.layout import Bucket, BucketLayout, build_layout, slot_views
@@ -102,6 +104,9 @@ class DistLion(torch.optim.Optimizer):
             of ``ranks_per_node``; ``process_group`` is then the group of the ranks with
             the same place in every node.
         reduce_dtype: dtype of the intra-node gradient reduce-scatter; default float32.
+        timeout: seconds any DistLion collective may take before every waiting rank
+            raises a ``CollectiveError`` naming the likely cause (a rank that exited,
+            uneven step counts); None (default): the process group's own timeout.
 
     Example::
 
@@ -117,9 +122,12 @@ class DistLion(torch.optim.Optimizer):
                  weight_decay: float = 0.0, *, vote: str = "majority", exchange: str = "auto",
                  process_group: Any = None, bucket_cap_mb: float = 25, master_weights: bool = True,
                  momentum_dtype: torch.dtype | None = None, vote_ema_beta: float | None = None,
-                 ranks_per_node: int | str = AUTO, node_group: Any = None, reduce_dtype: torch.dtype | None = None):
+                 ranks_per_node: int | str = AUTO, node_group: Any = None, reduce_dtype: torch.dtype | None = None,
+                 timeout: float | None = None):
         _check_hyperparameters(lr, betas, weight_decay, vote_ema_beta)
         check_ranks_per_node(ranks_per_node)
+        if timeout is not None and not (_is_real(timeout) and 0 < timeout < math.inf):
+            raise ValueError(f"Invalid timeout: {timeout!r}; use seconds > 0, or None for the process group's")
         if vote not in VOTES:
             raise ValueError(f"Invalid vote: {vote!r}; use one of {VOTES}")
         if exchange not in EXCHANGES:
@@ -138,6 +146,7 @@ class DistLion(torch.optim.Optimizer):
         super().__init__(params, defaults)  # add_param_group checks each group
 
         self.process_group = _resolve_group(process_group)
+        self.timeout = timedelta(seconds=timeout) if timeout is not None else None
         self.vote = vote
         self.comm_stats = CommStats()
         self._step = 0
@@ -202,7 +211,7 @@ class DistLion(torch.optim.Optimizer):
             for key in ("lr", "betas", "weight_decay", "vote_ema_beta"):
                 settings[f"param group {index} {key}"] = group[key]
         for group in groups:
-            _check_layout_agrees(layout, group, ranks_per_node, settings)
+            _check_layout_agrees(layout, group, ranks_per_node, settings, self.timeout)
 
     def _broadcast_parameters(self) -> None:
         """Give every rank rank 0's parameters, as DDP does at construction (one collective per bucket and group).
@@ -215,7 +224,8 @@ class DistLion(torch.optim.Optimizer):
                 continue
             source = dist.get_global_rank(group, 0)
             for buffers in self._buffers:
-                dist.broadcast(buffers.params, src=source, group=group)
+                wait_for(dist.broadcast(buffers.params, src=source, group=group, async_op=True),
+                         "the broadcast of rank 0's parameters", self.timeout)
         for buffers in self._buffers:
             if buffers.master is not None:
                 buffers.master.copy_(self._chunk(buffers.params))
@@ -269,6 +279,7 @@ class DistLion(torch.optim.Optimizer):
             self._bucket_params.append(members)
         self._laid_out = params
         self._data_ptrs = [p.data_ptr() for p in params]
+        self._requires_grad = [p.requires_grad for p in params]
         self._masters = [pair for bucket, buffers, members in zip(self.layout.buckets, self._buffers,
                                                                   self._bucket_params)
                          for pair in self._master_pairs(bucket, buffers, members)]
@@ -276,8 +287,8 @@ class DistLion(torch.optim.Optimizer):
         device = self.layout.buckets[0].device if self.layout.buckets else torch.device("cpu")
         chunk_bytes = [bucket.padded_numel // self.ranks_per_node // 8 for bucket in self.layout.buckets]
         self._exchange = make_exchange(self.exchange_name, self.topology.vote_group, chunk_bytes,
-                                       self.vote_rule.planes, device, self.comm_stats)
-        self._node = make_node(self.topology, self.comm_stats, device)
+                                       self.vote_rule.planes, device, self.comm_stats, self.timeout)
+        self._node = make_node(self.topology, self.comm_stats, device, self.timeout)
 
     def _allocate_staging(self) -> dict[torch.device, list[Tensor]]:
         """Two whole-bucket gradient buffers per device, for the node's reduce-scatter (ranks_per_node > 1).
@@ -367,18 +378,23 @@ class DistLion(torch.optim.Optimizer):
                         "new values", reseeded)
 
     def _layout_is_current(self) -> bool:
-        return [p.data_ptr() for p in self._params_in_order()] == self._data_ptrs
+        params = self._params_in_order()
+        return [p.data_ptr() for p in params] == self._data_ptrs and \
+            [p.requires_grad for p in params] == self._requires_grad
 
     def _ensure_layout(self) -> None:
-        """Re-lay out if the parameters were moved or replaced since the layout was built.
+        """Re-lay out if the parameters were moved, replaced, frozen or unfrozen since the layout was built.
 
-        Wrappers do this: ``model.to(device)`` after the optimizer was built, or
-        DeepSpeed swapping in fp32 copies of bf16 parameters. Momentum is carried over by
-        parameter position, and a state loaded meanwhile is applied now.
+        Wrappers move and replace them: ``model.to(device)`` after the optimizer was built,
+        or DeepSpeed swapping in fp32 copies of bf16 parameters. ``requires_grad`` set to
+        False takes a parameter out of the buckets (it stays still, as in torch.optim), set
+        to True puts it in (with zero momentum). Momentum is carried over by parameter
+        position, and a state loaded meanwhile is applied now. Every rank must make the same
+        change before the same step: the re-layout is checked with a collective.
         """
         if self._layout_is_current():
             return
-        logger.info("DistLion: parameters were moved or replaced; rebuilding the bucket layout")
+        logger.info("DistLion: parameters were moved, replaced, frozen or unfrozen; rebuilding the bucket layout")
         params = self._params_in_order()
         previous = {index: {key: value.to(params[index].device).clone() for key, value in self.state[old].items()}
                     for index, old in enumerate(self._laid_out) if index < len(params) and old in self.state}
@@ -711,7 +727,8 @@ def _setting_digest(value: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:8], "little", signed=True)
 
 
-def _check_layout_agrees(layout: BucketLayout, group: Any, ranks_per_node: int, settings: dict[str, Any]) -> None:
+def _check_layout_agrees(layout: BucketLayout, group: Any, ranks_per_node: int, settings: dict[str, Any],
+                         timeout: timedelta | None) -> None:
     """Raise on every rank of ``group`` if any rank laid out other parameters or nodes, or has other
     ``settings`` (instead of hanging later, or drifting apart)."""
     if group is None or dist.get_world_size(group) == 1:
@@ -723,7 +740,8 @@ def _check_layout_agrees(layout: BucketLayout, group: Any, ranks_per_node: int, 
     mine = torch.tensor(header + [_setting_digest(value) for value in settings.values()], dtype=torch.int64,
                         device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
+    wait_for(dist.all_gather(everyone, mine, group=group, async_op=True), "the check that every rank built the "
+             "same DistLion", timeout)
     if all(torch.equal(other, mine) for other in everyone):
         return
     here = dist.get_rank(group)

@@ -1,18 +1,20 @@
-"""distlion.checkpoint: per-rank file names, discovery, the topology check, and failing together.
+"""distlion.checkpoint: per-rank file names, discovery, weights-only loading, the topology check, failing together.
 
 The multi-process tests run real gloo ranks (tests/multiprocess.py), each bounded by a
 timeout: a rank that waits for a failed one fails the test instead of hanging it.
 """
 
+import argparse
 import os
+import re
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from distlion import DistLion
-from distlion.checkpoint import (StateFile, describe_mismatch, fail_together, find_state_files, load_state,
-                                 save_state, state_file_name)
+from distlion.checkpoint import (StateFile, describe_mismatch, fail_together, find_state_files, load_file,
+                                 load_state, save_state, state_file_name)
 from multiprocess import run_ranks
 
 FIX = "relaunch with {world_size} ranks"
@@ -96,6 +98,35 @@ def test_a_directory_without_distlion_state_says_what_it_holds(tmp_path):
     assert "['optimizer.bin']" in message and message.endswith(MISSING)
 
 
+def _truncate(path: str) -> None:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[:len(data) // 2])
+
+
+def test_a_truncated_or_foreign_file_is_named_as_such(tmp_path):
+    optimizer = _optimizer()
+    path = save_state(optimizer.state_dict(), str(tmp_path), optimizer)
+    _truncate(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is truncated or not a DistLion checkpoint")):
+        load_state(str(tmp_path), optimizer, fix=FIX, missing=MISSING)
+    torch.save([1, 2], path)  # a torch file, but not one save_state wrote
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a DistLion checkpoint: it holds a list")):
+        load_state(str(tmp_path), optimizer, fix=FIX, missing=MISSING)
+
+
+def test_files_are_loaded_weights_only(tmp_path):
+    path = str(tmp_path / "state.pt")
+    torch.save({"distlion": {}, "args": argparse.Namespace(lr=1.0)}, path)
+    with pytest.raises(ValueError, match="holds a pickled argparse.Namespace, which torch.load.weights_only=True"):
+        load_file(path, kind="DistLion checkpoint")
+    with torch.serialization.safe_globals([argparse.Namespace]):  # the caller's own allowlist applies
+        assert load_file(path, kind="DistLion checkpoint")["args"].lr == 1.0
+    with pytest.raises(FileNotFoundError):
+        load_file(str(tmp_path / "missing.pt"), kind="DistLion checkpoint")
+
+
 def test_fail_together_without_a_process_group_is_a_plain_call():
     assert fail_together(lambda: 7, source="here") == 7
     with pytest.raises(KeyError):
@@ -113,6 +144,8 @@ def _save_then_load(rank: int, world_size: int, directory: str, broken_rank: int
         path = os.path.join(directory, state_file_name(rank, world_size))
         if damage == "missing":
             os.remove(path)
+        elif damage == "truncated":
+            _truncate(path)
         else:
             with open(path, "wb") as handle:
                 handle.write(b"not a torch file")
@@ -131,19 +164,20 @@ def _save_then_load(rank: int, world_size: int, directory: str, broken_rank: int
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt"])
 def test_a_load_failure_on_one_rank_fails_every_rank(tmp_path, damage):
     outcomes = run_ranks(_save_then_load, 3, str(tmp_path), 1, damage, timeout=90)
     assert [o["ranks_after"] for o in outcomes] == [3, 3, 3]
     broken = outcomes[1]
+    assert broken["error"] == "ValueError", broken  # its own error
     if damage == "missing":
-        assert broken["error"] == "ValueError" and "holds DistLion optimizer state of 2 rank(s) (ranks [0, 2])" \
-            in broken["message"]
+        assert "holds DistLion optimizer state of 2 rank(s) (ranks [0, 2])" in broken["message"]
     else:
-        assert broken["error"] is not None and "could not load" not in broken["message"]  # its own error
+        path = tmp_path / state_file_name(1, 3)
+        assert f"{path} is truncated or not a DistLion checkpoint" in broken["message"]
     for rank in (0, 2):
         assert outcomes[rank]["error"] == "RuntimeError", outcomes[rank]
-        assert f"rank(s) [1] could not load their optimizer state from {tmp_path}" in outcomes[rank]["message"]
+        assert f"rank(s) [1] could not load their checkpoint from {tmp_path}" in outcomes[rank]["message"]
 
 
 def _load_own(rank: int, world_size: int, directory: str) -> int:

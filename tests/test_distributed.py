@@ -163,14 +163,23 @@ def _mismatched_layout(rank, world_size):
     DistLion([torch.nn.Parameter(torch.zeros(s)) for s in shapes])
 
 
+def _settings_differ(rank, world_size):
+    DistLion(_params(), lr=0.01 if rank == 0 else 0.02, vote="majority" if rank < 2 else "average")
+
+
 @pytest.mark.timeout(120)
-def test_layout_mismatch_is_a_clear_error_not_a_hang():
+@pytest.mark.parametrize("worker, world_size, expected", [
+    (_mismatched_layout, 2, ["parameter layout or ranks_per_node differs between ranks",
+                             "rank 0: ranks_per_node 1, 2 parameters, 20 elements",
+                             "rank 1: ranks_per_node 1, 3 parameters, 22 elements"]),
+    (_settings_differ, 3, ["settings differ between ranks", "vote (here", "ranks [2] differ from rank 0",
+                           "param group 0 lr", "ranks [1, 2] differ from rank 0"]),
+], ids=["layout", "settings"])
+def test_mismatch_between_ranks_is_a_clear_error_not_a_hang(worker, world_size, expected):
     with pytest.raises(RuntimeError) as error:
-        run_ranks(_mismatched_layout, 2, timeout=60)
-    message = str(error.value)
-    assert "parameter layout or ranks_per_node differs between ranks" in message
-    assert "rank 0: ranks_per_node 1, 2 parameters, 20 elements" in message
-    assert "rank 1: ranks_per_node 1, 3 parameters, 22 elements" in message
+        run_ranks(worker, world_size, timeout=60)
+    for part in expected:
+        assert part in str(error.value)
 
 
 def _rank_in_group(rank, world_size):

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distlion.comm.flat import all_gather_flat
+from distlion.comm.flat import all_gather_flat, wait_for
 from distlion.comm.stats import CommStats
 
 # Bytes appended to each message for the non-finite flag: 8 keep int64 alignment.
@@ -83,8 +83,10 @@ class LocalExchange:
 class _Collective:
     """Shared plumbing: the process group, buffers allocated once, byte counting."""
 
-    def __init__(self, group, bucket_bytes: list[int], planes: int, device: torch.device, stats: CommStats):
+    def __init__(self, group, bucket_bytes: list[int], planes: int, device: torch.device, stats: CommStats,
+                 timeout=None):
         self.group = group
+        self.timeout = timeout
         self.world_size = dist.get_world_size(group)
         self.planes = planes
         self.device = device
@@ -94,7 +96,7 @@ class _Collective:
         self._pending: dict[int, Any] = {}  # bucket -> the work handle of the collective in flight
 
     def _wait(self, bucket: int) -> None:
-        self._pending.pop(bucket).wait()
+        wait_for(self._pending.pop(bucket), f"the sign exchange of bucket {bucket}", self.timeout)
 
     def _count(self, sent: int, received: int) -> None:
         self.stats.count_inter_node(sent=sent, received=received)
@@ -103,8 +105,8 @@ class _Collective:
 class TwoPhaseExchange(_Collective):
     """all_to_all the packed signs, vote on the owned chunk, all_gather the votes."""
 
-    def __init__(self, group, bucket_bytes, planes, device, stats):
-        super().__init__(group, bucket_bytes, planes, device, stats)
+    def __init__(self, group, bucket_bytes, planes, device, stats, timeout=None):
+        super().__init__(group, bucket_bytes, planes, device, stats, timeout)
         n, t = self.world_size, self.transport
         self._send, self._recv, self._packed, self._chunk_vote, self._gathered = [], [], [], [], []
         for nbytes in bucket_bytes:
@@ -148,8 +150,8 @@ class TwoPhaseExchange(_Collective):
 class AllGatherExchange(_Collective):
     """all_gather every rank's packed signs; every rank votes on the whole bucket."""
 
-    def __init__(self, group, bucket_bytes, planes, device, stats):
-        super().__init__(group, bucket_bytes, planes, device, stats)
+    def __init__(self, group, bucket_bytes, planes, device, stats, timeout=None):
+        super().__init__(group, bucket_bytes, planes, device, stats, timeout)
         n, t = self.world_size, self.transport
         self._send, self._gathered, self._packed = [], [], []
         # the vote is written where the packed signs are; staged CUDA data comes back after
@@ -194,9 +196,12 @@ def choose_exchange(name: str, world_size: int) -> str:
 
 
 def make_exchange(name: str, group, bucket_bytes: list[int], planes: int, device: torch.device,
-                  stats: CommStats) -> SignExchange:
-    """Build the exchange ``name`` ("auto", "two_phase" or "all_gather") for ``group``."""
+                  stats: CommStats, timeout=None) -> SignExchange:
+    """Build the exchange ``name`` ("auto", "two_phase" or "all_gather") for ``group``.
+
+    ``timeout`` (a timedelta) bounds every wait; None leaves it to the process group.
+    """
     world_size = dist.get_world_size(group) if group is not None else 1
     if world_size == 1:
         return LocalExchange(bucket_bytes, planes, device, stats)
-    return EXCHANGES[choose_exchange(name, world_size)](group, bucket_bytes, planes, device, stats)
+    return EXCHANGES[choose_exchange(name, world_size)](group, bucket_bytes, planes, device, stats, timeout)

@@ -1,9 +1,35 @@
-"""Flat collectives under the names of this torch version (torch 2.13 renamed them)."""
+"""Flat collectives under the names of this torch version (torch 2.13 renamed them), and one way to wait."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+from typing import Any
+
 import torch.distributed as dist
 from torch import Tensor
+
+
+class CollectiveError(RuntimeError):
+    """A DistLion collective failed or timed out: the ranks no longer move together."""
+
+
+def wait_for(work: Any, what: str, timeout: timedelta | None) -> None:
+    """Wait for ``work`` (an async collective); raise ``CollectiveError`` naming ``what`` and the likely causes.
+
+    ``timeout`` None waits as long as the process group allows (its own timeout).
+    """
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout)
+    except RuntimeError as error:
+        limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
+        raise CollectiveError(
+            f"DistLion: {what} failed or did not finish within {limit}: {error}. Likely causes: another rank "
+            f"exited or crashed; the ranks took different numbers of steps (uneven data: give every rank the "
+            f"same number of batches, e.g. DistributedSampler(drop_last=True)); or the ranks built DistLion "
+            f"differently. Set DistLion(timeout=seconds) to bound the wait.") from error
 
 
 def all_gather_flat(output: Tensor, input: Tensor, group, async_op: bool = False):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distlion.comm.flat import all_gather_flat, reduce_scatter_flat
+from distlion.comm.flat import all_gather_flat, reduce_scatter_flat, wait_for
 from distlion.comm.stats import CommStats
 
 
@@ -73,8 +73,9 @@ class LocalNode:
 class NodeCollectives:
     """G > 1 ranks per node: rank j reduces and owns chunk j of every bucket."""
 
-    def __init__(self, group: Any, local_rank: int, stats: CommStats):
+    def __init__(self, group: Any, local_rank: int, stats: CommStats, timeout=None):
         self.group = group
+        self.timeout = timeout
         self.ranks_per_node = dist.get_world_size(group)
         self.local_rank = local_rank
         self.stats = stats
@@ -97,12 +98,13 @@ class NodeCollectives:
 
     def reduce_finish(self, bucket):
         work, chunk = self._reducing.pop(bucket)
-        work.wait()
+        wait_for(work, f"the node's reduce-scatter of bucket {bucket}", self.timeout)
         return chunk.div_(self.ranks_per_node)  # the sum over the node's ranks -> their mean
 
     def agree(self, flag):
         self._flag.copy_(flag.reshape(1))
-        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group)
+        wait_for(dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+                 "the node's agreement on a skip", self.timeout)
         self.stats.count_intra_node(sent=self.ranks_per_node - 1, received=self.ranks_per_node - 1)
         return self._flag[0].to(flag.device).bool()
 
@@ -114,11 +116,11 @@ class NodeCollectives:
 
     def gather_finish(self):
         for work in self._gathering:
-            work.wait()
+            wait_for(work, "the node's all-gather of the parameters", self.timeout)
         self._gathering.clear()
 
 
-def make_node(topology, stats: CommStats, device: torch.device) -> NodeShards:
+def make_node(topology, stats: CommStats, device: torch.device, timeout=None) -> NodeShards:
     """Build the node collectives of ``topology`` (a ``distlion.topology.NodeTopology``) for buckets on ``device``."""
     if topology.ranks_per_node == 1:
         return LocalNode()
@@ -126,4 +128,4 @@ def make_node(topology, stats: CommStats, device: torch.device) -> NodeShards:
         raise ValueError(f"ranks_per_node={topology.ranks_per_node} with CUDA parameters needs the NCCL backend "
                          f"for the node's reduce-scatter and all-gather, got {dist.get_backend(topology.node_group)!r}: "
                          f"init_process_group('nccl'), or use ranks_per_node=1")
-    return NodeCollectives(topology.node_group, topology.local_rank, stats)
+    return NodeCollectives(topology.node_group, topology.local_rank, stats, timeout)
