@@ -152,6 +152,7 @@ class DistLion(torch.optim.Optimizer):
         self._step = 0
         self.overflow = False  # True after a step that every rank skipped
         self._warned_skip = False
+        self._warned_momentum = False  # a float16 momentum's overflow is reported once
         self._pending_tensors: dict | None = None  # loaded before a re-layout, applied by it
         self.topology = self._resolve_topology(process_group, ranks_per_node, node_group)
         self.world_size = self.topology.world_size
@@ -471,6 +472,8 @@ class DistLion(torch.optim.Optimizer):
                                  vote_ema=buffers.vote_ema, beta=group["vote_ema_beta"], step=step)
             self._node.gather_start(index, buffers.params)
         self._node.gather_finish()
+        if self.defaults["momentum_dtype"] == torch.float16 and not self._warned_momentum:
+            self._check_momentum_range(step)
         self._step = step
         return loss
 
@@ -542,6 +545,16 @@ class DistLion(torch.optim.Optimizer):
                 raise RuntimeError(f"DistLion does not support sparse gradients (parameter of shape "
                                    f"{tuple(param.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)")
         return grads
+
+    def _check_momentum_range(self, step: int) -> None:
+        """Report once a float16 momentum that overflowed: its coordinates would drift by lr every step."""
+        for index, buffers in enumerate(self._buffers):
+            if not bool(torch.isfinite(buffers.momentum).all()):
+                logger.warning("DistLion: the float16 momentum of bucket %d overflowed to inf/nan at step %d; "
+                               "those coordinates now move by lr every step. Use momentum_dtype=torch.bfloat16 "
+                               "(float32's range) or torch.float32.", index, step)
+                self._warned_momentum = True
+                return
 
     def _record_skip(self, step: int) -> None:
         self.comm_stats.skipped_steps += 1

@@ -194,3 +194,14 @@ def test_requires_grad_changed_after_construction_behaves_like_torch_optim():
         assert not torch.equal(snapshots[4][2], initial[2])       # unfrozen at step 3: trains
         assert not torch.equal(snapshots[4][1], snapshots[1][1])  # the others train on
     assert all(torch.equal(a, b) for a, b in zip(results[0][4], results[1][4]))  # replicas identical
+
+
+def test_float16_momentum_overflow_is_reported_once(caplog):
+    params = [torch.nn.Parameter(torch.zeros(64))]
+    opt = DistLion(params, momentum_dtype=torch.float16)
+    with caplog.at_level("WARNING", logger="distlion.optim"):
+        for _ in range(3):
+            params[0].grad = torch.full((64,), 1e7)  # finite in fp32, beyond float16's range in the momentum
+            opt.step()
+    warnings_seen = [r for r in caplog.records if "float16 momentum of bucket 0 overflowed" in r.getMessage()]
+    assert len(warnings_seen) == 1 and "momentum_dtype=torch.bfloat16" in warnings_seen[0].getMessage()
