@@ -26,7 +26,6 @@ move the bytes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from distlion.checks import check_hyperparameters, check_layout_agrees, check_parameters, is_real_number
 from distlion.comm import CommStats, choose_exchange, make_exchange, make_node, ring_allreduce_bytes
 from distlion.comm.flat import wait_for
 from distlion.kernels import kernels_for
@@ -124,9 +124,9 @@ class DistLion(torch.optim.Optimizer):
                  momentum_dtype: torch.dtype | None = None, vote_ema_beta: float | None = None,
                  ranks_per_node: int | str = AUTO, node_group: Any = None, reduce_dtype: torch.dtype | None = None,
                  timeout: float | None = None):
-        _check_hyperparameters(lr, betas, weight_decay, vote_ema_beta)
+        check_hyperparameters(lr, betas, weight_decay, vote_ema_beta)
         check_ranks_per_node(ranks_per_node)
-        if timeout is not None and not (_is_real(timeout) and 0 < timeout < math.inf):
+        if timeout is not None and not (is_real_number(timeout) and 0 < timeout < math.inf):
             raise ValueError(f"Invalid timeout: {timeout!r}; use seconds > 0, or None for the process group's")
         if vote not in VOTES:
             raise ValueError(f"Invalid vote: {vote!r}; use one of {VOTES}")
@@ -169,12 +169,12 @@ class DistLion(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_hyperparameters(group["lr"], group["betas"], group["weight_decay"], group["vote_ema_beta"])
+            check_hyperparameters(group["lr"], group["betas"], group["weight_decay"], group["vote_ema_beta"])
             for key in ("vote", "exchange", "bucket_cap_mb", "master_weights", "momentum_dtype", "reduce_dtype"):
                 if group[key] != self.defaults[key]:
                     raise ValueError(f"{key} must be the same for all param groups; got {group[key]!r} "
                                      f"in a group and {self.defaults[key]!r} for the optimizer")
-            _check_parameters(self._params_in_order())
+            check_parameters(self._params_in_order())
         except ValueError:
             self.param_groups.pop()  # the optimizer stays as it was
             raise
@@ -212,7 +212,7 @@ class DistLion(torch.optim.Optimizer):
             for key in ("lr", "betas", "weight_decay", "vote_ema_beta"):
                 settings[f"param group {index} {key}"] = group[key]
         for group in groups:
-            _check_layout_agrees(layout, group, ranks_per_node, settings, self.timeout)
+            check_layout_agrees(layout, group, ranks_per_node, settings, self.timeout)
 
     def _broadcast_parameters(self) -> None:
         """Give every rank rank 0's parameters, as DDP does at construction (one collective per bucket and group).
@@ -633,7 +633,7 @@ class DistLion(torch.optim.Optimizer):
                              f"{len(self.param_groups)}")
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             try:
-                _check_hyperparameters(saved["lr"], saved["betas"], saved["weight_decay"], saved.get("vote_ema_beta"))
+                check_hyperparameters(saved["lr"], saved["betas"], saved["weight_decay"], saved.get("vote_ema_beta"))
             except (KeyError, ValueError) as error:
                 raise ValueError(f"DistLion state has a bad param group {index}: {error}") from None
             if (saved.get("vote_ema_beta") is None) != (group["vote_ema_beta"] is None):
@@ -689,88 +689,9 @@ class DistLion(torch.optim.Optimizer):
 
 # --------------------------------------------------------------------- helpers
 
-def _is_real(value: Any) -> bool:
-    """A Python or 0-dim tensor number that is not a bool (True is an int to Python)."""
-    if isinstance(value, Tensor):
-        return value.numel() == 1 and value.dtype != torch.bool and not value.is_complex()
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_hyperparameters(lr: float, betas: tuple[float, float], weight_decay: float,
-                           vote_ema_beta: float | None) -> None:
-    if not (_is_real(lr) and 0.0 <= float(lr) < math.inf):
-        raise ValueError(f"Invalid learning rate: {lr!r}; use a finite non-negative number, e.g. 1e-4")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r}; use a pair (beta1, beta2), e.g. (0.9, 0.99)")
-    for i, beta in enumerate(betas):
-        if not (_is_real(beta) and 0.0 <= float(beta) < 1.0):
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r}; use a value in [0, 1)")
-    if not (_is_real(weight_decay) and 0.0 <= float(weight_decay) < math.inf):
-        raise ValueError(f"Invalid weight_decay value: {weight_decay!r}; use a finite non-negative number, "
-                         f"e.g. 0.1")
-    if vote_ema_beta is not None and not (_is_real(vote_ema_beta) and 0.0 <= vote_ema_beta < 1.0):
-        raise ValueError(f"Invalid vote_ema_beta: {vote_ema_beta!r}; use a value in [0, 1), e.g. 0.9, or None "
-                         f"for Lion's unscaled step")
-
-
-def _check_parameters(params: list[Tensor]) -> None:
-    """Raise for a parameter listed twice (its bucket slots would update it twice) or one on the meta device."""
-    seen: dict[int, int] = {}
-    for position, param in enumerate(params):
-        if id(param) in seen:
-            raise ValueError(f"The parameter of shape {tuple(param.shape)} is listed twice, at positions "
-                             f"{seen[id(param)]} and {position} of the optimizer's parameters: pass each parameter "
-                             f"once (e.g. list(dict.fromkeys(params)) for tied weights)")
-        seen[id(param)] = position
-        if param.device.type == "meta":
-            raise ValueError(f"The parameter of shape {tuple(param.shape)} at position {position} is on the meta "
-                             f"device: materialise the model first (e.g. model.to_empty(device=...) and initialise "
-                             f"it), then build DistLion")
-
-
 def _resolve_group(process_group: Any) -> Any:
     if process_group is not None:
         return process_group
     if dist.is_available() and dist.is_initialized():
         return dist.group.WORLD
     return None
-
-
-def _setting_digest(value: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:8], "little", signed=True)
-
-
-def _check_layout_agrees(layout: BucketLayout, group: Any, ranks_per_node: int, settings: dict[str, Any],
-                         timeout: timedelta | None) -> None:
-    """Raise on every rank of ``group`` if any rank laid out other parameters or nodes, or has other
-    ``settings`` (instead of hanging later, or drifting apart)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
-    digest = bytes.fromhex(layout.signature())
-    header = [ranks_per_node, layout.num_params, layout.numel, len(layout.buckets), *digest]
-    mine = torch.tensor(header + [_setting_digest(value) for value in settings.values()], dtype=torch.int64,
-                        device=device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    wait_for(dist.all_gather(everyone, mine, group=group, async_op=True), "the check that every rank built the "
-             "same DistLion", timeout)
-    if all(torch.equal(other, mine) for other in everyone):
-        return
-    here = dist.get_rank(group)
-    if any(not torch.equal(other[:len(header)], mine[:len(header)]) for other in everyone):
-        lines = [f"rank {r}: ranks_per_node {int(t[0])}, {int(t[1])} parameters, {int(t[2]):,} elements, "
-                 f"{int(t[3])} bucket(s), layout {bytes(t[4:len(header)].tolist()).hex()[:12]}"
-                 for r, t in enumerate(everyone)]
-        raise RuntimeError("DistLion: the parameter layout or ranks_per_node differs between ranks (this is rank "
-                           f"{here} of this group):\n  " + "\n  ".join(lines) + "\nBuild the same model on every "
-                           "rank, pass the same parameters, in the same order and param groups, and the same "
-                           "ranks_per_node to DistLion.")
-    differing = []
-    for position, name in enumerate(settings, start=len(header)):
-        ranks = [r for r, t in enumerate(everyone) if t[position] != everyone[0][position]]
-        if ranks:
-            differing.append(f"{name} (here {settings[name]!r}; ranks {ranks} differ from rank 0)")
-    raise RuntimeError(f"DistLion: settings differ between ranks (this is rank {here} of this group): "
-                       + "; ".join(differing) + ". Every rank applies the same vote, so every rank needs the same "
-                       "settings: build DistLion with the same arguments on every rank.")
