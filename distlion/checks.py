@@ -79,7 +79,7 @@ def check_layout_agrees(layout: BucketLayout, group: Any, ranks_per_node: int, s
     here = dist.get_rank(group)
     if any(not torch.equal(other[:len(header)], mine[:len(header)]) for other in everyone):
         lines = [f"rank {r}: ranks_per_node {int(t[0])}, {int(t[1])} parameters, {int(t[2]):,} elements, "
-                 f"{int(t[3])} bucket(s), layout {bytes(t[4:len(header)].tolist()).hex()[:12]}"
+                 f"{int(t[3])} bucket(s), layout {bytes((t[4:len(header)] & 0xFF).tolist()).hex()[:12]}"
                  for r, t in enumerate(everyone)]
         raise RuntimeError("DistLion: the parameter layout or ranks_per_node differs between ranks (this is rank "
                            f"{here} of this group):\n  " + "\n  ".join(lines) + "\nBuild the same model on every "

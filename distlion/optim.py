@@ -400,8 +400,12 @@ class DistLion(torch.optim.Optimizer):
         previous = {index: {key: value.to(params[index].device).clone() for key, value in self.state[old].items()}
                     for index, old in enumerate(self._laid_out) if index < len(params) and old in self.state}
         self.state.clear()
-        groups = [g for g in (self.topology.vote_group, self.topology.node_group) if g is not None]
-        self._check_agreement(groups, self.world_size, self.ranks_per_node)
+        if build_layout(self.param_groups, self.world_size, self.defaults["bucket_cap_mb"]).signature() \
+                != self.layout.signature():
+            # Other shapes, dtypes or frozen parameters: every rank must have made the same change.
+            # Moved storage alone keeps the layout, and a rank may move its parameters on its own.
+            groups = [g for g in (self.topology.vote_group, self.topology.node_group) if g is not None]
+            self._check_agreement(groups, self.world_size, self.ranks_per_node)
         self._build(previous)
         if self._pending_tensors is not None:
             self._load_tensors(self._pending_tensors)

@@ -205,3 +205,24 @@ def test_float16_momentum_overflow_is_reported_once(caplog):
             opt.step()
     warnings_seen = [r for r in caplog.records if "float16 momentum of bucket 0 overflowed" in r.getMessage()]
     assert len(warnings_seen) == 1 and "momentum_dtype=torch.bfloat16" in warnings_seen[0].getMessage()
+
+
+def _one_rank_moves_its_parameters(rank, world_size, move):
+    params = _params()
+    opt = DistLion(params, lr=0.01, timeout=30)
+    for step in range(1, 4):
+        if move and step == 2 and rank == 0:
+            for p in params:
+                p.data = p.data.clone()  # what model.to(device) does, on this rank alone
+        for p, g in zip(params, _grads(rank, step, "random")):
+            p.grad = g
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.timeout(120)
+def test_one_rank_moving_its_parameters_re_lays_out_alone():
+    moved = run_ranks(_one_rank_moves_its_parameters, 2, True)
+    still = run_ranks(_one_rank_moves_its_parameters, 2, False)
+    for params in moved:
+        assert all(torch.equal(a, b) for a, b in zip(params, still[0]))
