@@ -18,6 +18,10 @@ momentum, master weights and vote EMA of chunk j of every bucket only, votes on 
 with rank j of the other M - 1 nodes, applies it, and the node all-gathers the updated
 parameters. ``ranks_per_node=1`` is the flat vote of every rank (M = N).
 
+Under FSDP2 (``fully_shard`` over the "shard" dim of a (replicate, shard) mesh) each
+rank lays out, updates and votes on its parameters' local shards, with FSDP's
+reduce-scatter as the node's gradient (``distlion.local_shards``).
+
 With one rank (or no process group) and no vote_ema_beta this is exactly Lion.
 ``step()`` only orchestrates: kernels (``distlion.kernels``) do the math, the vote rule
 (``distlion.vote``) owns the vote, exchanges and node collectives (``distlion.comm``)
@@ -37,11 +41,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from distlion.checks import check_hyperparameters, check_layout_agrees, check_parameters, is_real_number
-from distlion.comm import CommStats, choose_exchange, make_exchange, make_node, ring_allreduce_bytes
+from distlion.comm import CommStats, NodeCollectives, choose_exchange, make_exchange, make_node, ring_allreduce_bytes
 from distlion.comm.flat import wait_for
 from distlion.kernels import kernels_for
 from distlion.kernels.gather import gather_into
 from distlion.layout import Bucket, BucketLayout, build_layout, slot_views
+from distlion.local_shards import (check_sharded_parameters, copy_shards, is_dtensor, is_sharded, local_grad,
+                                   local_param_groups, local_tensor, shard_groups, vote_group_of_mesh)
 from distlion.topology import (AUTO, NodeTopology, check_ranks_per_node, from_groups, resolve_ranks_per_node,
                                single_rank, split_group)
 from distlion.vote import VOTES, VoteRule
@@ -107,6 +113,11 @@ class DistLion(torch.optim.Optimizer):
         timeout: seconds any DistLion collective may take before every waiting rank
             raises a ``CollectiveError`` naming the likely cause (a rank that exited,
             uneven step counts); None (default): the process group's own timeout.
+        device_mesh: a (replicate, shard) mesh whose "shard" dim FSDP2 shards the
+            parameters over (``fully_shard(module, mesh=mesh["shard"])``): the
+            "replicate" dim's ranks vote, instead of ``process_group``. Each rank
+            updates and votes on its local shards; FSDP's reduce-scatter is the node's
+            gradient, so ``ranks_per_node`` resolves to 1.
 
     Example::
 
@@ -123,7 +134,7 @@ class DistLion(torch.optim.Optimizer):
                  process_group: Any = None, bucket_cap_mb: float = 25, master_weights: bool = True,
                  momentum_dtype: torch.dtype | None = None, vote_ema_beta: float | None = None,
                  ranks_per_node: int | str = AUTO, node_group: Any = None, reduce_dtype: torch.dtype | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, device_mesh: Any = None):
         check_hyperparameters(lr, betas, weight_decay, vote_ema_beta)
         check_ranks_per_node(ranks_per_node)
         if timeout is not None and not (is_real_number(timeout) and 0 < timeout < math.inf):
@@ -145,6 +156,11 @@ class DistLion(torch.optim.Optimizer):
                         momentum_dtype=momentum_dtype, vote_ema_beta=vote_ema_beta, reduce_dtype=reduce_dtype)
         super().__init__(params, defaults)  # add_param_group checks each group
 
+        if device_mesh is not None:
+            if process_group is not None or node_group is not None:
+                raise ValueError("pass device_mesh or process_group / node_group, not both: device_mesh's "
+                                 "'replicate' dim is the vote group")
+            process_group = vote_group_of_mesh(device_mesh)
         self.process_group = _resolve_group(process_group)
         self.timeout = timedelta(seconds=timeout) if timeout is not None else None
         self.vote = vote
@@ -175,12 +191,26 @@ class DistLion(torch.optim.Optimizer):
                     raise ValueError(f"{key} must be the same for all param groups; got {group[key]!r} "
                                      f"in a group and {self.defaults[key]!r} for the optimizer")
             check_parameters(self._params_in_order())
+            if getattr(self, "topology", None) is not None:  # set once __init__ resolved the nodes
+                check_sharded_parameters(group["params"], self.topology.vote_group, self.ranks_per_node)
         except ValueError:
             self.param_groups.pop()  # the optimizer stays as it was
             raise
 
     def _resolve_topology(self, process_group: Any, ranks_per_node: int | str, node_group: Any) -> NodeTopology:
-        """Find the nodes, checking on every rank that all ranks agree before any group is built."""
+        """Find the nodes, checking on every rank that all ranks agree before any group is built.
+
+        Parameters sharded by FSDP make every rank a node of its own (FSDP reduced the
+        gradient inside the node): ``ranks_per_node`` resolves to 1.
+        """
+        params = self._params_in_order()
+        if any(is_sharded(p) for p in params):
+            if node_group is not None and dist.get_world_size(node_group) > 1:
+                raise ValueError("node_group with parameters sharded by FSDP: FSDP's reduce-scatter already gives "
+                                 "each rank its node's gradient; pass device_mesh=mesh (or process_group="
+                                 "mesh.get_group('replicate')) and no node_group")
+            check_sharded_parameters(params, self.process_group, ranks_per_node)
+            ranks_per_node = 1
         if node_group is not None:
             if process_group is None:
                 raise ValueError("node_group needs process_group: pass the group of the ranks that vote with "
@@ -205,7 +235,7 @@ class DistLion(torch.optim.Optimizer):
     def _check_agreement(self, groups: list[Any], world_size: int, ranks_per_node: int) -> None:
         """Raise on every rank of ``groups`` if any of them laid out other parameters or nodes, or differs in
         a setting that must match (lr, betas, weight decay, vote, ...): replicas would drift apart."""
-        layout = build_layout(self.param_groups, world_size, self.defaults["bucket_cap_mb"])
+        layout = self._new_layout(world_size)
         settings = {key: self.defaults[key] for key in ("vote", "exchange", "master_weights", "momentum_dtype",
                                                         "reduce_dtype")}
         for index, group in enumerate(self.param_groups):
@@ -230,20 +260,41 @@ class DistLion(torch.optim.Optimizer):
         for buffers in self._buffers:
             if buffers.master is not None:
                 buffers.master.copy_(self._chunk(buffers.params))
+        self._copy_out_shards()
 
     # ------------------------------------------------------------------ layout
 
     def _params_in_order(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def _new_layout(self, world_size: int | None = None) -> BucketLayout:
+        """Lay out the parameters this rank holds (a DTensor's local shard) for ``world_size`` voters."""
+        return build_layout(local_param_groups(self.param_groups), world_size or self.world_size,
+                            self.defaults["bucket_cap_mb"])
+
+    def _copy_in_shards(self) -> None:
+        """Copy the DTensor parameters' local shards into their bucket views (they may have been changed)."""
+        copy_shards(self._shard_views, self._shards)
+
+    def _copy_out_shards(self) -> None:
+        """Copy the updated bucket views back into the DTensor parameters' local shards, which FSDP owns."""
+        copy_shards(self._shards, self._shard_views)
+        for index in self._shard_masters:  # DistLion's own write, not a change to follow
+            self._master_versions[index] = self._masters[index][0]._version
+
     def _build(self, previous: dict[int, dict[str, Tensor]] | None) -> None:
         """Lay out parameters into flat buckets and make them views of those buckets.
 
-        ``previous`` maps param index to state tensors to carry over (a re-layout after
-        the parameters were moved or replaced); None starts from zero momentum.
+        A DTensor parameter's local shard is copied into its bucket view instead: FSDP owns
+        its storage, and ``step()`` copies the updated values back. ``previous`` maps param
+        index to state tensors to carry over (a re-layout after the parameters were moved or
+        replaced); None starts from zero momentum.
         """
-        self.layout: BucketLayout = build_layout(self.param_groups, self.world_size, self.defaults["bucket_cap_mb"])
+        self.layout: BucketLayout = self._new_layout()
         params = self._params_in_order()
+        self._shards: list[Tensor] = []      # DTensor parameters' local shards, and their bucket views
+        self._shard_views: list[Tensor] = []
+        self._shard_of: dict[int, Tensor] = {}  # id(DTensor parameter) -> its local shard
         self._buffers: list[_BucketBuffers] = []
         self._gather_views: list[list[Tensor]] = []    # where each p.grad is gathered to
         self._grad_views: list[list[Tensor]] = []      # each parameter's part of the chunk buffers
@@ -255,8 +306,14 @@ class DistLion(torch.optim.Optimizer):
             members = [params[slot.param_index] for slot in bucket.slots]
             views = slot_views(buffers.params, bucket)
             for param, view in zip(members, views):
-                view.copy_(param.detach())
-                param.data = view  # the parameter now lives in the bucket
+                if is_dtensor(param):
+                    self._shards.append(local_tensor(param))
+                    self._shard_views.append(view)
+                    self._shard_of[id(param)] = self._shards[-1]
+                    view.copy_(self._shards[-1])
+                else:
+                    view.copy_(param.detach())
+                    param.data = view  # the parameter now lives in the bucket
             if buffers.master is not None:
                 buffers.master.copy_(self._chunk(buffers.params))
             for slot, param, momentum, master, vote_ema in zip(
@@ -279,17 +336,25 @@ class DistLion(torch.optim.Optimizer):
             self._momentum_views.append([self.state[param]["exp_avg"] for param in members])
             self._bucket_params.append(members)
         self._laid_out = params
-        self._data_ptrs = [p.data_ptr() for p in params]
+        self._data_ptrs = [local_tensor(p).data_ptr() for p in params]
         self._requires_grad = [p.requires_grad for p in params]
         self._masters = [pair for bucket, buffers, members in zip(self.layout.buckets, self._buffers,
                                                                   self._bucket_params)
                          for pair in self._master_pairs(bucket, buffers, members)]
         self._master_versions = [param._version for param, _, _ in self._masters]
+        shards = {id(shard) for shard in self._shards}
+        self._shard_masters = [index for index, (tracked, _, _) in enumerate(self._masters) if id(tracked) in shards]
         device = self.layout.buckets[0].device if self.layout.buckets else torch.device("cpu")
         chunk_bytes = [bucket.padded_numel // self.ranks_per_node // 8 for bucket in self.layout.buckets]
         self._exchange = make_exchange(self.exchange_name, self.topology.vote_group, chunk_bytes,
                                        self.vote_rule.planes, device, self.comm_stats, self.timeout)
         self._node = make_node(self.topology, self.comm_stats, device, self.timeout)
+        # FSDP's shards: each rank sees the non-finite values of its own shards only, so a replica's ranks
+        # agree on a skip as a node's do
+        groups = shard_groups(params)
+        self._shard_agreement = [NodeCollectives(group, dist.get_rank(group), self.comm_stats, self.timeout)
+                                 for group in groups]
+        self._shard_rank = dist.get_rank(groups[0]) if groups else None  # which shards this rank holds
 
     def _allocate_staging(self) -> dict[torch.device, list[Tensor]]:
         """Two whole-bucket gradient buffers per device, for the node's reduce-scatter (ranks_per_node > 1).
@@ -348,15 +413,17 @@ class DistLion(torch.optim.Optimizer):
         return ranges
 
     def _master_pairs(self, bucket: Bucket, buffers: _BucketBuffers, members: list[Tensor]) -> list[tuple]:
-        """(parameter, its master weights, the part of the parameter they hold) for a bucket with masters."""
+        """(what counts the parameter's in-place changes, its master weights, the part of the parameter they
+        hold) for a bucket with masters. A DTensor's changes show in its local shard's version."""
         if buffers.master is None:
             return []
         masters = [self.state[param]["master"] for param in members]
+        versioned = [self._shard_of.get(id(param), param) for param in members]
         if self.ranks_per_node == 1:
-            return [(param, master, param.data) for param, master in zip(members, masters)]
-        return [(param, master, param.data.view(-1)[first:first + master.numel()])
-                for param, master, (_, _, first) in zip(members, masters,
-                                                         self._chunk_ranges(bucket, buffers.master.numel()))]
+            return [(tracked, master, tracked.data) for tracked, master in zip(versioned, masters)]
+        return [(tracked, master, tracked.data.view(-1)[first:first + master.numel()])
+                for tracked, master, (_, _, first) in zip(versioned, masters,
+                                                          self._chunk_ranges(bucket, buffers.master.numel()))]
 
     def _follow_parameter_changes(self, compare_all: bool) -> None:
         """Re-seed the master weights of parameters changed in place since DistLion last wrote them.
@@ -380,7 +447,7 @@ class DistLion(torch.optim.Optimizer):
 
     def _layout_is_current(self) -> bool:
         params = self._params_in_order()
-        return [p.data_ptr() for p in params] == self._data_ptrs and \
+        return [local_tensor(p).data_ptr() for p in params] == self._data_ptrs and \
             [p.requires_grad for p in params] == self._requires_grad
 
     def _ensure_layout(self) -> None:
@@ -400,8 +467,7 @@ class DistLion(torch.optim.Optimizer):
         previous = {index: {key: value.to(params[index].device).clone() for key, value in self.state[old].items()}
                     for index, old in enumerate(self._laid_out) if index < len(params) and old in self.state}
         self.state.clear()
-        if build_layout(self.param_groups, self.world_size, self.defaults["bucket_cap_mb"]).signature() \
-                != self.layout.signature():
+        if self._new_layout().signature() != self.layout.signature():
             # Other shapes, dtypes or frozen parameters: every rank must have made the same change.
             # Moved storage alone keeps the layout, and a rank may move its parameters on its own.
             groups = [g for g in (self.topology.vote_group, self.topology.node_group) if g is not None]
@@ -426,6 +492,7 @@ class DistLion(torch.optim.Optimizer):
                 loss = closure()
         self._ensure_layout()
         self._follow_parameter_changes(compare_all=False)
+        self._copy_in_shards()
         self._check_scaled_groups()
         step = self._step + 1
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
@@ -451,6 +518,8 @@ class DistLion(torch.optim.Optimizer):
             skip = any_nonfinite if skip is None else skip | any_nonfinite
         if skip is not None:
             skip = self._node.agree(skip)  # chunk j's voters know of chunk j; the node ORs the chunks
+            for shards in self._shard_agreement:
+                skip = shards.agree(skip)
         self.comm_stats.steps += 1
         fp32_grads = 4 * self.layout.numel
         self.comm_stats.allreduce_fp32_bytes += ring_allreduce_bytes(fp32_grads, self.world_size)
@@ -476,6 +545,7 @@ class DistLion(torch.optim.Optimizer):
                                  vote_ema=buffers.vote_ema, beta=group["vote_ema_beta"], step=step)
             self._node.gather_start(index, buffers.params)
         self._node.gather_finish()
+        self._copy_out_shards()
         if self.defaults["momentum_dtype"] == torch.float16 and not self._warned_momentum:
             self._check_momentum_range(step)
         self._step = step
@@ -543,7 +613,7 @@ class DistLion(torch.optim.Optimizer):
 
     def _bucket_grads(self, index: int) -> list[Tensor | None]:
         """Return the gradients of the bucket's parameters in layout order (None where missing)."""
-        grads = [param.grad for param in self._bucket_params[index]]
+        grads = [local_grad(param) for param in self._bucket_params[index]]
         for param, grad in zip(self._bucket_params[index], grads):
             if grad is not None and grad.is_sparse:
                 raise RuntimeError(f"DistLion does not support sparse gradients (parameter of shape "
@@ -601,6 +671,8 @@ class DistLion(torch.optim.Optimizer):
             "step": self._step,
             "comm_stats": self.comm_stats.as_dict(),
         }
+        if self._shard_rank is not None:
+            state["distlion"]["shard_rank"] = self._shard_rank
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -624,7 +696,11 @@ class DistLion(torch.optim.Optimizer):
         if meta["rank"] != self.rank:
             raise ValueError(f"DistLion state of rank {meta['rank']} was given to rank {self.rank}: "
                              f"load the file this rank saved.")
-        current = build_layout(self.param_groups, self.world_size, self.defaults["bucket_cap_mb"])
+        if meta.get("shard_rank") != self._shard_rank:
+            raise ValueError(f"DistLion state of the FSDP shards of shard rank {meta.get('shard_rank')} was given "
+                             f"to shard rank {self._shard_rank}: load the file this rank saved (name it by "
+                             f"dist.get_rank(), which tells the shards apart).")
+        current = self._new_layout()
         if meta["layout"] != current.signature():
             raise ValueError(f"DistLion state layout {meta['layout'][:12]} does not match this optimizer's "
                              f"({current.describe()}): the model or param groups differ from the saved run.")

@@ -23,7 +23,9 @@ def _grads(rank: int, step: int, style: str) -> list[torch.Tensor]:
     """Rank-dependent gradients.
 
     "ties" makes many exact ties and exact zeros; "dyadic" rounds to multiples of 1/256,
-    so a node's sum is exact in any order (a reduce-scatter may add in any order).
+    so a node's sum is exact in any order (a reduce-scatter may add in any order);
+    "nonzero" adds 2^-(10 + rank) to those: no sum of ranks' gradients is 0, so c is
+    never exactly 0 and the zero rule (whose index depends on the layout) never decides.
     """
     gen = torch.Generator().manual_seed(1000 * step + rank)
     grads = [torch.randn(shape, generator=gen) for shape in SHAPES]
@@ -33,6 +35,8 @@ def _grads(rank: int, step: int, style: str) -> list[torch.Tensor]:
     elif style == "dyadic":
         grads = [torch.round(g * 256) / 256 for g in grads]
         grads[1][::2] = 0  # some coordinates with c == 0 on every node
+    elif style == "nonzero":
+        grads = [torch.round(g * 256) / 256 + 2.0 ** -(10 + rank) for g in grads]
     return grads
 
 
