@@ -239,8 +239,8 @@ def test_config_params_are_checked():
             distlion_kwargs({key: "float33"})
     with pytest.raises(ValueError, match="ranks_per_node"):
         distlion_kwargs({"ranks_per_node": 0})
-    # The entry takes every DistLion argument a JSON file can hold (not the process groups).
-    arguments = set(inspect.signature(DistLion).parameters) - {"params", "process_group", "node_group"}
+    # The entry takes every DistLion argument a JSON file can hold (not the process groups or a device mesh).
+    arguments = set(inspect.signature(DistLion).parameters) - {"params", "process_group", "node_group", "device_mesh"}
     assert set(CONFIG_PARAMS) == arguments
 
 
