@@ -521,9 +521,7 @@ class DistLion(torch.optim.Optimizer):
             for shards in self._shard_agreement:
                 skip = shards.agree(skip)
         self.comm_stats.steps += 1
-        fp32_grads = 4 * self.layout.numel
-        self.comm_stats.allreduce_fp32_bytes += ring_allreduce_bytes(fp32_grads, self.world_size)
-        self.comm_stats.allreduce_fp32_node_bytes += ring_allreduce_bytes(fp32_grads, self.world_size)
+        self.comm_stats.allreduce_fp32_bytes += ring_allreduce_bytes(4 * self.layout.numel, self.world_size)
         # DeepSpeed's engine reads ``overflow`` to count skips and hold its LR scheduler.
         self.overflow = skip is not None and bool(skip)
         if self.overflow:

@@ -30,8 +30,6 @@ class CommStats:
         intra_node_bytes_sent, intra_node_bytes_received: the node's payload.
         allreduce_fp32_bytes: what this rank would send in a ring all-reduce of the same
             parameters' fp32 gradients over all N ranks: 2*(N-1)/N * 4 bytes per parameter.
-        allreduce_fp32_node_bytes: what that ring (ranks in node order) sends across one
-            node's boundary, per node: the same 2*(N-1)/N * 4 bytes per parameter.
         ranks_per_node: G, the ranks of a node (they share one vote).
     """
 
@@ -44,12 +42,11 @@ class CommStats:
     intra_node_bytes_sent: int = 0
     intra_node_bytes_received: int = 0
     allreduce_fp32_bytes: int = 0
-    allreduce_fp32_node_bytes: int = 0
     ranks_per_node: int = 1
 
     COUNTERS = ("steps", "skipped_steps", "bytes_sent", "bytes_received", "inter_node_bytes_sent",
                 "inter_node_bytes_received", "intra_node_bytes_sent", "intra_node_bytes_received",
-                "allreduce_fp32_bytes", "allreduce_fp32_node_bytes")
+                "allreduce_fp32_bytes")
 
     def reset(self) -> None:
         """Zero every counter."""
@@ -73,6 +70,12 @@ class CommStats:
         return self.bytes_sent / self.steps if self.steps else 0.0
 
     @property
+    def allreduce_fp32_node_bytes(self) -> int:
+        """What that ring (ranks in node order) sends across one node's boundary, per node: it leaves
+        each node once, so the same bytes as one rank sends, 2*(N-1)/N * 4 per parameter."""
+        return self.allreduce_fp32_bytes
+
+    @property
     def inter_node_bytes_per_step(self) -> float:
         """What this node sends to other nodes per step (its ``ranks_per_node`` ranks together)."""
         return self.ranks_per_node * self.inter_node_bytes_sent / self.steps if self.steps else 0.0
@@ -85,7 +88,8 @@ class CommStats:
         return self.allreduce_fp32_node_bytes / sent if sent else 0.0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "bytes_sent_per_step": self.bytes_sent_per_step,
+        return {**asdict(self), "allreduce_fp32_node_bytes": self.allreduce_fp32_node_bytes,
+                "bytes_sent_per_step": self.bytes_sent_per_step,
                 "inter_node_bytes_per_step": self.inter_node_bytes_per_step, "compression": self.compression}
 
     def load(self, saved: dict) -> None:
