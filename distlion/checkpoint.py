@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import torch
 import torch.distributed as dist
 
+from distlion.comm.flat import flag_device
 from distlion.optim import DistLion
 
 STATE_FILE = "distlion_optimizer{index}_rank{rank}_of_{world_size}.pt"
@@ -207,9 +208,7 @@ def _failed_ranks(failed: bool, group: Any) -> list[int]:
     """Return the ranks of ``group`` that report ``failed`` (one all_gather; no collective without a group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return [0] if failed else []
-    # NCCL moves CUDA tensors only; gloo takes CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
+    device = flag_device(group)
     flag = torch.tensor([int(failed)], device=device)
     flags = [torch.empty_like(flag) for _ in range(dist.get_world_size(group))]
     dist.all_gather(flags, flag, group=group)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distlion.comm.flat import wait_for
+from distlion.comm.flat import flag_device, wait_for
 from distlion.layout import BucketLayout
 
 
@@ -65,8 +65,7 @@ def check_layout_agrees(layout: BucketLayout, group: Any, ranks_per_node: int, s
     ``settings`` (instead of hanging later, or drifting apart)."""
     if group is None or dist.get_world_size(group) == 1:
         return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
+    device = flag_device(group)
     digest = bytes.fromhex(layout.signature())
     header = [ranks_per_node, layout.num_params, layout.numel, len(layout.buckets), *digest]
     mine = torch.tensor(header + [_setting_digest(value) for value in settings.values()], dtype=torch.int64,

@@ -259,7 +259,7 @@ class DistLion(torch.optim.Optimizer):
                          "the broadcast of rank 0's parameters", self.timeout)
         for buffers in self._buffers:
             if buffers.master is not None:
-                buffers.master.copy_(self._chunk(buffers.params))
+                buffers.master.copy_(self.topology.chunk(buffers.params))
         self._copy_out_shards()
 
     # ------------------------------------------------------------------ layout
@@ -315,7 +315,7 @@ class DistLion(torch.optim.Optimizer):
                     view.copy_(param.detach())
                     param.data = view  # the parameter now lives in the bucket
             if buffers.master is not None:
-                buffers.master.copy_(self._chunk(buffers.params))
+                buffers.master.copy_(self.topology.chunk(buffers.params))
             for slot, param, momentum, master, vote_ema in zip(
                     bucket.slots, members, self._chunk_views(buffers.momentum, bucket),
                     self._chunk_views(buffers.master, bucket), self._chunk_views(buffers.vote_ema, bucket)):
@@ -387,11 +387,6 @@ class DistLion(torch.optim.Optimizer):
             master=torch.zeros(chunk, dtype=torch.float32, device=dev) if low_precision else None,
             vote_ema=torch.zeros(chunk, dtype=torch.float32, device=dev) if scaled else None,
         )
-
-    def _chunk(self, flat: Tensor) -> Tensor:
-        """This rank's chunk of a whole-bucket tensor."""
-        size = flat.numel() // self.ranks_per_node
-        return flat[self.topology.local_rank * size:(self.topology.local_rank + 1) * size]
 
     def _chunk_views(self, chunk: Tensor | None, bucket: Bucket) -> list[Tensor | None]:
         """Each parameter's part of a chunk buffer: shaped like it when the chunk is the whole bucket,
@@ -538,7 +533,7 @@ class DistLion(torch.optim.Optimizer):
                 self._swap_momentum(index)
             else:
                 kernels_for(bucket.device).update_momentum(buffers.grads, buffers.momentum, beta2=group["betas"][1])
-            self.vote_rule.apply(self._chunk(buffers.params), voted, lr=group["lr"],
+            self.vote_rule.apply(self.topology.chunk(buffers.params), voted, lr=group["lr"],
                                  weight_decay=group["weight_decay"], master=buffers.master,
                                  vote_ema=buffers.vote_ema, beta=group["vote_ema_beta"], step=step)
             self._node.gather_start(index, buffers.params)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
+from torch import Tensor
 
 AUTO = "auto"
 
@@ -52,8 +53,18 @@ class NodeTopology:
         """Place in the data-parallel group: node * ranks_per_node + local_rank."""
         return self.node * self.ranks_per_node + self.local_rank
 
+    def chunk(self, flat: Tensor) -> Tensor:
+        """This rank's chunk of a whole-bucket tensor."""
+        return chunk_of(flat, self.ranks_per_node, self.local_rank)
+
     def describe(self) -> str:
         return f"{self.nodes} node(s) x {self.ranks_per_node} rank(s) per node"
+
+
+def chunk_of(flat: Tensor, parts: int, index: int) -> Tensor:
+    """Part ``index`` of ``flat`` cut into ``parts`` equal parts (a bucket's chunk owned by a node's rank)."""
+    size = flat.numel() // parts
+    return flat[index * size:(index + 1) * size]
 
 
 def single_rank() -> NodeTopology:

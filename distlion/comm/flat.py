@@ -5,8 +5,16 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def flag_device(group: Any) -> torch.device:
+    """Where a small tensor for a collective of ``group`` must live: NCCL moves CUDA tensors only, gloo CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class CollectiveError(RuntimeError):

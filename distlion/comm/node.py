@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distlion.comm.flat import all_gather_flat, reduce_scatter_flat, wait_for
+from distlion.comm.flat import all_gather_flat, flag_device, reduce_scatter_flat, wait_for
 from distlion.comm.stats import CommStats
+from distlion.topology import chunk_of
 
 
 class NodeShards(Protocol):
@@ -81,14 +82,8 @@ class NodeCollectives:
         self.stats = stats
         self._reducing: dict[int, tuple[Any, Tensor]] = {}
         self._gathering: list[Any] = []
-        self._device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-            else torch.device("cpu")
+        self._device = flag_device(group)
         self._flag = torch.zeros(1, dtype=torch.uint8, device=self._device)
-
-    def chunk(self, flat: Tensor) -> Tensor:
-        """Return this rank's chunk of a flat bucket tensor."""
-        size = flat.numel() // self.ranks_per_node
-        return flat[self.local_rank * size:(self.local_rank + 1) * size]
 
     def reduce_start(self, bucket, flat_grads, chunk_out):
         work = reduce_scatter_flat(chunk_out, flat_grads, self.group, async_op=True)
@@ -109,7 +104,7 @@ class NodeCollectives:
         return self._flag[0].to(flag.device).bool()
 
     def gather_start(self, bucket, params):
-        mine = self.chunk(params)
+        mine = chunk_of(params, self.ranks_per_node, self.local_rank)
         self._gathering.append(all_gather_flat(params, mine, self.group, async_op=True))
         moved = (self.ranks_per_node - 1) * mine.numel() * mine.element_size()
         self.stats.count_intra_node(sent=moved, received=moved)
