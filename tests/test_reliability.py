@@ -122,9 +122,9 @@ def test_initial_parameters_are_rank_zeros_on_every_rank(ranks_per_node):
         assert all(torch.equal(a, b) for a, b in zip(params, expected))
 
 
-def _killed_mid_training(rank, world_size):
+def _killed_mid_training(rank, world_size, ranks_per_node):
     params = _params()
-    opt = DistLion(params, lr=0.01, timeout=20)
+    opt = DistLion(params, lr=0.01, timeout=20, ranks_per_node=ranks_per_node)
     for step in range(1, 6):
         if step == 3 and rank == 2:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -134,10 +134,11 @@ def _killed_mid_training(rank, world_size):
 
 
 @pytest.mark.timeout(120)
-def test_a_killed_rank_makes_the_survivors_fail_with_a_clear_message():
+@pytest.mark.parametrize("world_size, ranks_per_node", [(3, 1), (4, 2)], ids=["flat", "nodes"])
+def test_a_killed_rank_makes_the_survivors_fail_with_a_clear_message(world_size, ranks_per_node):
     start = time.monotonic()
     with pytest.raises(RuntimeError) as error:
-        run_ranks(_killed_mid_training, 3, timeout=60)
+        run_ranks(_killed_mid_training, world_size, ranks_per_node, timeout=60)
     assert time.monotonic() - start < 60
     message = str(error.value)
     assert "CollectiveError" in message and "another rank exited or crashed" in message
