@@ -17,6 +17,17 @@ Three ways to train the same model, built side by side in one process group:
   backward pass (``launch.comm_hooks.DeferredAllReduce``), then AdamW.
   Its phase, all-reduce + AdamW step, is the baseline's optimizer-plus-communication
   time, measured the same way as DistLion's.
+
+And two over FSDP2 on a (replicate, shard) mesh of M nodes x G ranks (``device_mesh``,
+rank = node * G + g), each transformer block and then the root sharded
+(``shard_model``):
+
+- ``fsdp_hybrid_adamw``: ``fully_shard(module, mesh=mesh)`` on the 2-D mesh (HSDP: FSDP
+  reduce-scatters the gradient in the node and all-reduces its fp32 shard across the
+  replicate dim, in backward) + foreach AdamW. Its counted bytes are that all-reduce's,
+  ring formula over the M replicas (an all-reduce hook sees each all-reduced shard).
+- ``fsdp_distlion``: ``fully_shard(module, mesh=mesh["shard"])`` + ``DistLion(...,
+  device_mesh=mesh)``: the replicate dim votes on each rank's local shards in the phase.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ LOAD_AT_START = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else N
 # Byte-level GPTs by parameter count; "small" is the 3.85M-parameter size of docs/design.md §5.
 MODEL_SIZES = {
     "tiny": GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32),       # 0.03M, smoke runs
+    "demo": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),    # 0.84M, launch.train's (the demo's)
     "small": GPTConfig(n_layer=4, n_head=4, n_embd=280, block_size=128),    # 3.89M
     "medium": GPTConfig(n_layer=6, n_head=8, n_embd=576, block_size=128),   # 24.2M
     "large": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128),  # 85.2M
@@ -202,6 +214,75 @@ def adamw_ddp_trainer(config: GPTConfig, *, wire_dtype: str = "fp32", deferred: 
         ddp(x, y)[1].backward()
 
     return Trainer(name, forward_backward, phase, lambda: counter.bytes_sent)
+
+
+def device_mesh(ranks_per_node: int):
+    """The (replicate, shard) mesh of this process group: M = N / G nodes of G ranks, rank = node * G + g."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world_size = dist.get_world_size()
+    if ranks_per_node < 1 or world_size % ranks_per_node:
+        raise ValueError(f"ranks_per_node={ranks_per_node} does not divide the world size {world_size}")
+    return init_device_mesh("cpu", (world_size // ranks_per_node, ranks_per_node),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(model: GPT, mesh, **fsdp_options) -> GPT:
+    """``fully_shard`` each transformer block, then the root, over ``mesh``: the 2-D mesh for FSDP's hybrid
+    sharding (HSDP), ``mesh["shard"]`` for sharding inside the node only (DistLion votes across nodes)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, **fsdp_options)
+    return fully_shard(model, mesh=mesh, **fsdp_options)
+
+
+def count_hsdp_all_reduce(model: GPT, counter: AllReduceCounter) -> None:
+    """Count FSDP's HSDP all-reduces across the replicate dim in ``counter`` (ring formula, per rank): each
+    FSDP module's hook sees the shard it all-reduced."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def hook(reduce_output: torch.Tensor) -> None:
+        counter.count(reduce_output.numel(), reduce_output.element_size())
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_all_reduce_hook(hook)
+
+
+def fsdp_adamw_trainer(config: GPTConfig, mesh, name: str = "fsdp_hybrid_adamw") -> Trainer:
+    """FSDP2's hybrid sharding over the 2-D mesh (fp32 reduce-scatter in the node, fp32 all-reduce of the
+    shards across nodes, both in backward) + foreach AdamW on the local shards."""
+    model = shard_model(_model(config), mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, foreach=True)
+    counter = AllReduceCounter.for_group(mesh.get_group("replicate"))
+    count_hsdp_all_reduce(model, counter)
+
+    def forward_backward(x, y):
+        model(x, y)[1].backward()
+
+    def phase():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    return Trainer(name, forward_backward, phase, lambda: counter.bytes_sent)
+
+
+def fsdp_distlion_trainer(config: GPTConfig, mesh, *, vote_ema_beta: float | None = None,
+                          name: str = "fsdp_distlion") -> Trainer:
+    """FSDP2 inside the node (``mesh["shard"]``) + DistLion voting across the replicate dim."""
+    model = shard_model(_model(config), mesh["shard"])
+    optimizer = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1, vote_ema_beta=vote_ema_beta,
+                         device_mesh=mesh)
+
+    def forward_backward(x, y):
+        model(x, y)[1].backward()
+
+    def phase():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    return Trainer(name, forward_backward, phase, lambda: optimizer.comm_stats.bytes_sent, optimizer.comm_stats)
 
 
 def timed_steps(trainer: Trainer, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> dict:

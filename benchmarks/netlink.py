@@ -20,6 +20,17 @@ of every rank. They report
   vote / node vote, against their targets: at least 40x fewer inter-node wire bytes
   than AdamW + DDP, and fewer than the flat vote (docs/design.md §6).
 
+``--fsdp`` (with G > 1) runs the FSDP2 pair instead, on a (replicate, shard) mesh of the
+M namespaces x G ranks (rank = node * G + g; see ``benchmarks.harness``), each
+transformer block and the root sharded: ``fsdp_hybrid_adamw``, FSDP2's hybrid sharding
+over the 2-D mesh (reduce-scatter in the node, fp32 all-reduce of the shards across
+nodes, in backward) + AdamW, and ``fsdp_distlion``, ``fully_shard`` over the shard dim +
+``DistLion(..., device_mesh=mesh)`` voting across nodes. Same counters; the ratios are
+FSDP2 hybrid + AdamW / FSDP2 + DistLion, against the target of at least 30x fewer
+inter-node wire bytes. The phase is ``optimizer.step()`` for both, so only DistLion's
+holds its inter-node communication (HSDP's all-reduce runs in backward): compare whole
+steps. Results go to ``netlink-fsdp-MxG-DATE.json``.
+
 Needs root and iproute2 (``ip netns``, ``tc``); without them it says so and exits with
 status 0. It touches only the namespaces it creates (named ``dl-bench-PID-...``; no
 interface is created in the caller's namespace) and deletes them when it ends, also on
@@ -30,6 +41,8 @@ errors and Ctrl-C::
     sudo python -m benchmarks.netlink --world_sizes 4 --ranks_per_node 2 --rates 1gbit   # 2 nodes x 2
     sudo python -m benchmarks.netlink --smoke                # tiny model, N = 2, one rate
     sudo python -m benchmarks.netlink --smoke --ranks_per_node 2   # tiny model, 2 nodes x 2
+    sudo python -m benchmarks.netlink --world_sizes 4 --ranks_per_node 2 --rates 1gbit --fsdp   # FSDP2 pair
+    sudo python -m benchmarks.netlink --smoke --ranks_per_node 2 --fsdp
 """
 
 from __future__ import annotations
@@ -170,6 +183,7 @@ def cannot_run() -> str | None:
 # --------------------------------------------------------------------------------- worker
 
 NODE_TRAINERS = ("distlion_node", "distlion_node_scaled")
+FSDP_TRAINERS = ("fsdp_hybrid_adamw", "fsdp_distlion")
 # Read around every timed block; the totals become "<name>_per_step" in the results.
 COUNTERS = ("wire_tx_bytes", "wire_rx_bytes", "loopback_tx_bytes", "inter_node_bytes_sent")
 
@@ -179,6 +193,12 @@ def node_trainers(config, ranks_per_node: int) -> list[harness.Trainer]:
     return [harness.distlion_trainer(config, ranks_per_node=ranks_per_node, name="distlion_node"),
             harness.distlion_trainer(config, ranks_per_node=ranks_per_node, vote_ema_beta=0.9,
                                      name="distlion_node_scaled")]
+
+
+def fsdp_trainers(config, ranks_per_node: int) -> list[harness.Trainer]:
+    """FSDP2 hybrid sharding + AdamW, and FSDP2 in the node + DistLion voting across nodes, on one mesh."""
+    mesh = harness.device_mesh(ranks_per_node)
+    return [harness.fsdp_adamw_trainer(config, mesh), harness.fsdp_distlion_trainer(config, mesh)]
 
 
 def _counters(iface: str) -> tuple[int, int]:
@@ -191,9 +211,12 @@ def worker(args: argparse.Namespace) -> None:
     rank, world_size = harness.join_group()
     config = harness.MODEL_SIZES[args.size]
     batch = harness.make_batch(config, args.batch_size, args.seq_len, rank)
-    trainers = step_time.build_trainers(config)
-    if args.ranks_per_node > 1:
-        trainers += node_trainers(config, args.ranks_per_node)
+    if args.fsdp:
+        trainers = fsdp_trainers(config, args.ranks_per_node)
+    else:
+        trainers = step_time.build_trainers(config)
+        if args.ranks_per_node > 1:
+            trainers += node_trainers(config, args.ranks_per_node)
     stats = {t.name: t.comm_stats for t in trainers}
     marks: dict[str, dict[str, int]] = {}
 
@@ -261,11 +284,11 @@ def run_on_link(args: argparse.Namespace, topology: Topology, worker_args: list[
 # Interface counters: the ranks of a node read the same interfaces, so these are per node.
 NODE_COUNTERS = ("wire_tx_bytes_per_step", "wire_rx_bytes_per_step", "loopback_tx_bytes_per_step")
 WIRE_TARGET_ADAMW_OVER_NODE = 40  # inter-node wire bytes, AdamW + DDP / node vote (48x ideal at 2 x 2)
+WIRE_TARGET_FSDP = 30  # inter-node wire bytes, FSDP2 hybrid + AdamW (fp32 all-reduce) / FSDP2 + DistLion (32x ideal)
 
 
-def summarize_link(measured: dict, ranks_per_node: int = 1) -> dict:
-    """Average the measurements (times and counted bytes per rank, interface counters per node) and
-    form the ratios; with ``ranks_per_node`` > 1 also those against the node vote, and its targets."""
+def _average(measured: dict, ranks_per_node: int) -> dict:
+    """Times and counted bytes: mean over ranks; interface counters: mean over nodes (and their sum)."""
     ranks = measured["per_rank"]
     nodes = ranks[::ranks_per_node]  # a node's first rank reads its interfaces
     out = {}
@@ -273,6 +296,35 @@ def summarize_link(measured: dict, ranks_per_node: int = 1) -> dict:
         out[name] = {key: statistics.mean(r[name][key] for r in (nodes if key in NODE_COUNTERS else ranks))
                      for key in ranks[0][name]}
         out[name]["wire_tx_bytes_per_step_all_nodes"] = sum(r[name]["wire_tx_bytes_per_step"] for r in nodes)
+    return out
+
+
+def summarize_fsdp(measured: dict, ranks_per_node: int) -> dict:
+    """The FSDP2 pair's averages, the ratios FSDP2 hybrid + AdamW / FSDP2 + DistLion and the target."""
+    out = _average(measured, ranks_per_node)
+    hybrid, lion = out["fsdp_hybrid_adamw"], out["fsdp_distlion"]
+    wire = "wire_tx_bytes_per_step"
+    ratios = {
+        "wire_bytes_hybrid_adamw_over_distlion": hybrid[wire] / lion[wire],
+        # counted: HSDP's all-reduce (ring formula) against DistLion's vote, per rank
+        "counted_inter_node_bytes_hybrid_adamw_over_distlion":
+            hybrid["bytes_sent_per_step"] / lion["inter_node_bytes_sent_per_step"],
+        "step_hybrid_adamw_over_distlion": hybrid["step_s"] / lion["step_s"],
+        "phase_hybrid_adamw_over_distlion": hybrid["phase_s"] / lion["phase_s"],
+        # a node's veth tx over what its ranks counted crossing it: 1 plus headers and acknowledgements
+        "wire_over_counted_hybrid_adamw": hybrid[wire] / (ranks_per_node * hybrid["bytes_sent_per_step"]),
+        "wire_over_counted_distlion": lion[wire] / (ranks_per_node * lion["inter_node_bytes_sent_per_step"]),
+    }
+    out["ratios"] = ratios
+    out["targets"] = {f"wire_bytes_hybrid_adamw_over_distlion >= {WIRE_TARGET_FSDP}":
+                      ratios["wire_bytes_hybrid_adamw_over_distlion"] >= WIRE_TARGET_FSDP}
+    return out
+
+
+def summarize_link(measured: dict, ranks_per_node: int = 1) -> dict:
+    """Average the measurements (times and counted bytes per rank, interface counters per node) and
+    form the ratios; with ``ranks_per_node`` > 1 also those against the node vote, and its targets."""
+    out = _average(measured, ranks_per_node)
     lion, ddp, ddp_phase = out["distlion"], out["adamw_ddp"], out["adamw_ddp_phase"]
     ratios = {
         "phase_adamw_over_distlion": ddp_phase["phase_s"] / lion["phase_s"],
@@ -342,12 +394,35 @@ def print_link(topology: Topology, summary: dict) -> None:
           + ", ".join(f"{target}: {'met' if met else 'missed'}" for target, met in summary["targets"].items()))
 
 
+def print_fsdp(topology: Topology, summary: dict) -> None:
+    print(f"\n{topology.nodes} nodes x {topology.ranks_per_node} ranks, FSDP2, {topology.rate} links (times: mean "
+          f"over ranks of per-rank medians; wire and loopback bytes: per node; counted inter-node: per rank)")
+    print(f"{'trainer':20s} {'phase ms':>9} {'step ms':>9} {'wire tx/step':>14} {'loopback/step':>14} "
+          f"{'counted/step':>14}")
+    for name in FSDP_TRAINERS:
+        t = summary[name]
+        counted = t.get("inter_node_bytes_sent_per_step", t["bytes_sent_per_step"])
+        print(f"{name:20s} {t['phase_s'] * 1e3:9.1f} {t['step_s'] * 1e3:9.1f} {t['wire_tx_bytes_per_step']:14,.0f} "
+              f"{t['loopback_tx_bytes_per_step']:14,.0f} {counted:14,.0f}")
+    r = summary["ratios"]
+    print(f"FSDP2 hybrid + AdamW / FSDP2 + DistLion: inter-node wire bytes "
+          f"{r['wire_bytes_hybrid_adamw_over_distlion']:.1f}x (target >= {WIRE_TARGET_FSDP}x), counted "
+          f"{r['counted_inter_node_bytes_hybrid_adamw_over_distlion']:.1f}x, whole step "
+          f"{r['step_hybrid_adamw_over_distlion']:.2f}x (phase {r['phase_hybrid_adamw_over_distlion']:.2f}x: "
+          f"HSDP's all-reduce is in backward)")
+    print(f"veth tx / counted: hybrid + AdamW {r['wire_over_counted_hybrid_adamw']:.3f}, DistLion "
+          f"{r['wire_over_counted_distlion']:.3f}; targets "
+          + ", ".join(f"{target}: {'met' if met else 'missed'}" for target, met in summary["targets"].items()))
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world_sizes", type=harness.positive_int, nargs="+", default=[2, 4],
                         help="ranks in all, one run each")
     parser.add_argument("--ranks_per_node", type=harness.positive_int, default=1,
                         help="ranks per namespace (node); with G > 1 DistLion also votes per node")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="the FSDP2 pair instead (G > 1): hybrid sharding + AdamW, and DistLion over the shards")
     parser.add_argument("--rates", type=_rate_arg, nargs="+", default=["1gbit", "10gbit"])
     parser.add_argument("--size", choices=sorted(harness.MODEL_SIZES), default="medium")
     parser.add_argument("--batch_size", type=harness.positive_int, default=1, help="sequences per rank")
@@ -365,6 +440,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.smoke:
         args.size, args.world_sizes, args.rates, args.warmup, args.steps, args.rounds = \
             "tiny", [2 * ranks_per_node], ["1gbit"], 1, 2, 1
+    if args.fsdp and ranks_per_node < 2:
+        parser.error("--fsdp shards inside a node: use --ranks_per_node 2 or more")
     for world_size in args.world_sizes:
         if world_size % ranks_per_node or world_size // ranks_per_node < 2:
             parser.error(f"--world_sizes {world_size} with --ranks_per_node {ranks_per_node}: a link joins at "
@@ -378,22 +455,28 @@ def main(argv: list[str] | None = None) -> dict | None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("netlink: terminated; namespaces removed"))
     worker_args = ["--size", args.size, "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
                    "--warmup", str(args.warmup), "--steps", str(args.steps), "--rounds", str(args.rounds),
-                   "--ranks_per_node", str(ranks_per_node)]
+                   "--ranks_per_node", str(ranks_per_node), *(["--fsdp"] if args.fsdp else [])]
     config = harness.MODEL_SIZES[args.size]
     print(f"GPT of {config.num_parameters:,} parameters, batch {args.batch_size}x{args.seq_len} per rank")
     runs = []
     for world_size in args.world_sizes:
         for rate in args.rates:
             topology = Topology(world_size // ranks_per_node, rate, str(os.getpid()), ranks_per_node)
-            summary = summarize_link(run_on_link(args, topology, worker_args), ranks_per_node)
-            print_link(topology, summary)
+            measured = run_on_link(args, topology, worker_args)
+            if args.fsdp:
+                summary = summarize_fsdp(measured, ranks_per_node)
+                print_fsdp(topology, summary)
+            else:
+                summary = summarize_link(measured, ranks_per_node)
+                print_link(topology, summary)
             runs.append({"world_size": world_size, "nodes": topology.nodes, "ranks_per_node": ranks_per_node,
                          "rate": rate, "topology": topology.describe(), **summary})
     payload = {"model": args.size, "num_parameters": config.num_parameters, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "steps_per_round": args.steps, "rounds": args.rounds,
-               "ranks_per_node": ranks_per_node, "runs": runs}
+               "ranks_per_node": ranks_per_node, "fsdp": args.fsdp, "runs": runs}
     name = "netlink" if ranks_per_node == 1 else "-".join(
-        ["netlink", *(f"{n // ranks_per_node}x{ranks_per_node}" for n in args.world_sizes)])
+        ["netlink", *(["fsdp"] if args.fsdp else []),
+         *(f"{n // ranks_per_node}x{ranks_per_node}" for n in args.world_sizes)])
     harness.write_results(name, payload, args.out, args.smoke)
     return payload
 

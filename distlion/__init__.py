@@ -2,8 +2,9 @@
 
 from distlion.comm import CommStats
 from distlion.comm.flat import CollectiveError
+from distlion.checkpoint import load, save
 from distlion.optim import DistLion
 from distlion.wrappers import unwrap
 
-__all__ = ["CollectiveError", "CommStats", "DistLion", "unwrap"]
+__all__ = ["CollectiveError", "CommStats", "DistLion", "load", "save", "unwrap"]
 __version__ = "0.1.0"

@@ -30,12 +30,28 @@ the objects (with any other optimizer it is ``accelerator.prepare`` and nothing 
   (a non-finite gradient on any rank), so LR schedulers stay in step on all ranks, and
   under fp16 the GradScaler backs off on every rank, not only on the one that overflowed.
 
+Under Accelerate's FSDP2 plugin (``fsdp_version: 2``) shard the model yourself over each
+node's ranks before ``prepare``, as for plain FSDP2, and build DistLion with the mesh
+(Accelerate's own hybrid sharding all-reduces across nodes before any optimizer sees a
+gradient)::
+
+    mesh = init_device_mesh("cuda", (M, G), mesh_dim_names=("replicate", "shard"))
+    for module in [*model.blocks, model]: fully_shard(module, mesh=mesh["shard"])
+    optimizer = DistLion(model.parameters(), lr=1e-4, device_mesh=mesh)
+    model, optimizer, loader = distlion.accelerate.prepare(accelerator, model, optimizer, loader)
+
+``save_state`` then writes DistLion's state with DCP (``distlion.dcp``) to
+``distlion_optimizer{i}_dcp/``; Accelerate's own ``optimizer_{i}`` holds the
+hyperparameters only.
+
 Gradient clipping (``accelerator.clip_grad_norm_``) works on each rank's local
 gradients: the norm is per rank, as is the clipping factor. Log the communication
 figures with ``accelerator.log(distlion.accelerate.comm_metrics(optimizer), step=step)``.
 """
 
 import logging
+import os
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -45,12 +61,18 @@ from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hoo
 from torch.nn.parallel import DistributedDataParallel
 
 from distlion import checkpoint
+from distlion.local_shards import is_dtensor, is_sharded
 from distlion.optim import DistLion
 from distlion.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
 
-_UNSUPPORTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
+_UNSUPPORTED_TYPES = ("DEEPSPEED", "MEGATRON_LM", "XLA")
+DCP_DIRECTORY = "distlion_optimizer{index}_dcp"  # an FSDP2 job's DistLion state, in DCP's format
+_FSDP2_RECIPE = ("shard the model over each node's ranks yourself before prepare and build DistLion with the mesh: "
+                 "mesh = init_device_mesh(device, (M, G), mesh_dim_names=('replicate', 'shard')); fully_shard(module, "
+                 "mesh=mesh['shard']) for each block and the model; DistLion(model.parameters(), ..., "
+                 "device_mesh=mesh); launch with fsdp_version: 2 and fsdp_auto_wrap_policy: NO_WRAP")
 # What load_state's errors tell the user to do (distlion.checkpoint.load_state fills in the saved world size).
 _FIX = "relaunch with --num_processes {world_size}"
 _MISSING = ("The directory was saved without distlion: resume from a directory saved by accelerator.save_state "
@@ -86,7 +108,14 @@ def prepare(accelerator: Any, *objects: Any, device_placement: list[bool] | None
         return accelerator.prepare(*objects, device_placement=device_placement)
     for obj in new_distlions:
         _check_supported(accelerator, unwrap(obj))
+    # Under FSDP2, Accelerate re-points the optimizers' parameters by storage address, which an empty
+    # local shard (address 0) confuses; the model arrives sharded, so DistLion keeps its own.
+    own_params = {id(opt): [list(group["params"]) for group in opt.param_groups]
+                  for opt in map(unwrap, new_distlions)} if _is_fsdp(accelerator) else {}
     prepared = accelerator.prepare(*objects, device_placement=device_placement)
+    for opt in map(unwrap, new_distlions):
+        for group, params in zip(opt.param_groups, own_params.get(id(opt), [])):
+            group["params"] = params
     results = prepared if len(objects) > 1 else (prepared,)
     if adapter is None:
         adapter = _ADAPTERS[accelerator] = _Adapter(accelerator)
@@ -103,6 +132,7 @@ class _Entry:
     wrapper: Any
     optimizer: DistLion
     loaded_by_hook: bool = False
+    fsdp2: bool = False  # its state goes through DCP (distlion.dcp)
 
 
 class _Adapter:
@@ -131,9 +161,11 @@ class _Adapter:
                 self.models.add(obj)
             optimizer = unwrap(obj)
             if optimizer is not None and obj is not optimizer:
-                self.entries.append(_Entry(obj, optimizer))
+                self.entries.append(_Entry(obj, optimizer, fsdp2=_is_fsdp(self.accelerator)))
                 self._wrap_step(self.entries[-1])
                 self._wrap_load_state_dict(self.entries[-1])
+                if self.entries[-1].fsdp2:
+                    self._wrap_state_dict(self.entries[-1])
         owned = self._owned_parameters()
         for model in self.models:
             if isinstance(model, DistributedDataParallel) and model not in self.stopped \
@@ -183,7 +215,7 @@ class _Adapter:
         wrapper, optimizer, scaler = entry.wrapper, entry.optimizer, getattr(entry.wrapper, "scaler", None)
         accelerated_step = wrapper.step
 
-        def step(*args: Any, **kwargs: Any) -> Any:
+        def step(_wrapper: Any, *args: Any, **kwargs: Any) -> Any:
             if not wrapper.gradient_state.sync_gradients:  # accumulating: Accelerate does not step
                 return accelerated_step(*args, **kwargs)
             skipped_before = optimizer.comm_stats.skipped_steps
@@ -198,7 +230,22 @@ class _Adapter:
             wrapper._is_overflow = skipped
             return result
 
-        wrapper.step = step
+        # A bound method, as torch's LR schedulers (built after prepare) re-wrap ``step.__func__``.
+        wrapper.step = types.MethodType(step, wrapper)
+
+    def _wrap_state_dict(self, entry: _Entry) -> None:
+        """Under FSDP2, Accelerate saves ``optimizer.state_dict()`` with DCP, which keeps one copy of each
+        shard's state for all replicas; DistLion's per-replica state goes to its own DCP directory, so
+        Accelerate's gets the hyperparameters only."""
+        accelerated_state_dict = entry.wrapper.state_dict
+
+        def state_dict() -> dict:
+            saved = accelerated_state_dict()
+            groups = [{key: str(value) if isinstance(value, torch.dtype) else value for key, value in group.items()}
+                      for group in saved["param_groups"]]  # DCP takes no dtype objects
+            return {"state": {}, "param_groups": groups}
+
+        entry.wrapper.state_dict = state_dict
 
     def _wrap_load_state_dict(self, entry: _Entry) -> None:
         accelerated_load = entry.wrapper.load_state_dict
@@ -207,6 +254,8 @@ class _Adapter:
             if entry.loaded_by_hook:
                 entry.loaded_by_hook = False  # Accelerate's optimizer.bin is rank 0's: keep this rank's own
                 return
+            if entry.fsdp2 and not state_dict.get("state") and "distlion" not in state_dict:
+                return  # Accelerate's FSDP2 optimizer_{i}: hyperparameters only; the load hook reads DistLion's DCP
             accelerated_load(state_dict)
 
         entry.wrapper.load_state_dict = load_state_dict
@@ -216,15 +265,21 @@ class _Adapter:
     def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
         """Write this rank's DistLion state next to Accelerate's files (the hook runs on every rank)."""
         for index, entry in enumerate(self.entries):
-            checkpoint.save_state(entry.optimizer.state_dict(), output_dir, entry.optimizer, index)
+            if entry.fsdp2:
+                _dcp_save(entry.optimizer, os.path.join(output_dir, DCP_DIRECTORY.format(index=index)))
+            else:
+                checkpoint.save_state(entry.optimizer.state_dict(), output_dir, entry.optimizer, index)
 
     def _load_hook(self, models: list, input_dir: str) -> None:
         """Load this rank's own DistLion state; fail on every rank if any rank cannot."""
         def load() -> None:
             for index, entry in enumerate(self.entries):
-                entry.optimizer.load_state_dict(
-                    checkpoint.load_state(input_dir, entry.optimizer, index, fix=_FIX, missing=_MISSING))
-                entry.loaded_by_hook = True
+                if entry.fsdp2:
+                    _dcp_load(entry.optimizer, os.path.join(input_dir, DCP_DIRECTORY.format(index=index)))
+                else:  # Accelerate loads optimizer.bin after this hook: the wrapper then keeps this state
+                    entry.optimizer.load_state_dict(
+                        checkpoint.load_state(input_dir, entry.optimizer, index, fix=_FIX, missing=_MISSING))
+                    entry.loaded_by_hook = True
 
         try:
             checkpoint.fail_together(load, source=input_dir)
@@ -238,18 +293,50 @@ class _Adapter:
         owned = self._owned_parameters()
         for model in models:
             for param in model.parameters():
-                if id(param) in owned and param.untyped_storage().nbytes() != param.numel() * param.element_size():
+                if id(param) in owned and not is_dtensor(param) and param.untyped_storage().nbytes() != param.numel() * param.element_size():
                     param.data = param.data.clone()
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary[Any, _Adapter]" = weakref.WeakKeyDictionary()
 
 
+def _is_fsdp(accelerator: Any) -> bool:
+    return str(getattr(accelerator.distributed_type, "name", accelerator.distributed_type)) == "FSDP"
+
+
+def _dcp_save(optimizer: DistLion, directory: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from distlion.dcp import sharded_state
+
+    dcp.save({"optimizer": sharded_state(optimizer)}, checkpoint_id=directory)
+
+
+def _dcp_load(optimizer: DistLion, directory: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from distlion.dcp import sharded_state
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist: " + _MISSING)
+    dcp.load({"optimizer": sharded_state(optimizer)}, checkpoint_id=directory)
+
+
 def _check_supported(accelerator: Any, optimizer: DistLion) -> None:
     kind = str(getattr(accelerator.distributed_type, "name", accelerator.distributed_type))
     if kind in _UNSUPPORTED_TYPES:
-        raise ValueError(f"distlion.accelerate.prepare supports data parallelism (DDP); this Accelerator uses "
-                         f"{kind}. Use DistLion with plain DDP, or distlion.deepspeed for DeepSpeed (ZeRO stage 0-2).")
+        raise ValueError(f"distlion.accelerate.prepare supports data parallelism (DDP) and FSDP2; this Accelerator "
+                         f"uses {kind}. Use DistLion with plain DDP, or distlion.deepspeed for DeepSpeed (ZeRO stage "
+                         f"0-2).")
+    if kind == "FSDP":
+        if not getattr(accelerator, "is_fsdp2", False):
+            raise ValueError("distlion.accelerate.prepare supports Accelerate's FSDP2 (fsdp_version: 2), not FSDP1: "
+                             + _FSDP2_RECIPE)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if optimizer.device_mesh is None or not all(is_sharded(p) for p in params):
+            raise ValueError("DistLion under Accelerate's FSDP2 plugin: " + _FSDP2_RECIPE + ". Accelerate's own "
+                             "sharding (and its hybrid sharding) all-reduces the gradients across nodes before "
+                             "DistLion sees them.")
     if accelerator.num_processes > 1 and optimizer.world_size == 1:
         raise ValueError(f"DistLion was built with world size 1 but this job has {accelerator.num_processes} "
                          f"processes: it was created before torch.distributed was initialised. Create the "
@@ -270,7 +357,7 @@ def _unalias(state: dict) -> None:
     """
     by_storage: dict[tuple, list[str]] = {}
     for name, tensor in state.items():
-        if isinstance(tensor, torch.Tensor):
+        if isinstance(tensor, torch.Tensor) and not is_dtensor(tensor):  # FSDP2's shards are FSDP's own
             by_storage.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), []).append(name)
     for names in by_storage.values():
         if len(names) > 1:

@@ -89,6 +89,38 @@ def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> s
     return f"{values(saved)}, but this run has {values(current)}"
 
 
+def save(optimizer: Any, directory: str, index: int = 0) -> str:
+    """Write this rank's DistLion state to ``directory`` (call it on every rank); return the file's path.
+
+    For scripts launched with torchrun, beside the model's own checkpoint::
+
+        distlion.save(opt, "ckpt")        # ckpt/distlion_optimizer0_rank{r}_of_{N}.pt
+        distlion.load(opt, "ckpt")        # on resume, same world size and ranks_per_node
+    """
+    inner = _distlion(optimizer, "save")
+    return save_state(inner.state_dict(), directory, inner, index)
+
+
+def load(optimizer: Any, directory: str, index: int = 0) -> None:
+    """Load this rank's own file from ``directory`` (call it on every rank); every rank raises if any
+    rank cannot (missing, unreadable or foreign files, another world size, another model)."""
+    inner = _distlion(optimizer, "load")
+    fix = "resume with {world_size} processes (ranks_per_node={ranks_per_node}), or start the optimizer fresh"
+    missing = "Save it with distlion.save(optimizer, directory) on every rank."
+    fail_together(lambda: inner.load_state_dict(load_state(directory, inner, index, fix=fix,
+                                                           missing=missing)), source=directory)
+
+
+def _distlion(optimizer: Any, verb: str) -> DistLion:
+    from distlion.wrappers import unwrap
+
+    inner = unwrap(optimizer)
+    if inner is None:
+        raise TypeError(f"distlion.{verb} takes a DistLion optimizer (or a wrapper of one); got "
+                        f"{type(optimizer).__name__}")
+    return inner
+
+
 def save_state(state: dict, directory: str, optimizer: DistLion, index: int = 0) -> str:
     """Write this rank's ``state`` (``optimizer.state_dict()`` or its wrapper's) to its file; return the path.
 
@@ -143,9 +175,14 @@ def load_state(directory: str, optimizer: DistLion, index: int = 0, *, fix: str,
     saved = {"world_size": max(set(sizes), key=lambda size: (sizes.count(size), size))}
     ranks = sorted({f.rank for f in held if f.world_size == saved["world_size"]})
     processes = f"{current['world_size']} process{'es' if current['world_size'] != 1 else ''}"
+    mismatch = describe_mismatch(saved, current)
+    if mismatch is None:  # the same world size: this rank's file alone is missing
+        raise ValueError(f"{directory} holds DistLion optimizer state of ranks {ranks} of {processes}, but not "
+                         f"{name}, rank {optimizer.rank}'s: the checkpoint is incomplete (a rank failed while "
+                         f"saving, or the files were copied in part). Load a complete checkpoint.")
     raise ValueError(f"{directory} holds DistLion optimizer state of {len(ranks)} rank(s) (ranks {ranks}), but "
                      f"this run has {processes} and rank {optimizer.rank} has no {name}: it was saved by a run of "
-                     f"{describe_mismatch(saved, current)}. Momentum is per rank and cannot be re-split: "
+                     f"{mismatch}. Momentum is per rank and cannot be re-split: "
                      f"{fix.format(**{**current, **saved})}.")
 
 

@@ -12,12 +12,14 @@ making the parameters views of the buckets.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from distlion.layout import Bucket
 from distlion.topology import AUTO
 
 REPLICATE_DIM = "replicate"
@@ -116,3 +118,94 @@ def copy_shards(targets: list[Tensor], sources: list[Tensor]) -> None:
     """Copy ``sources`` into ``targets`` in one foreach call (bucket views and local shards)."""
     if targets:
         torch._foreach_copy_(targets, sources)
+
+
+# ------------------------------------------------------------------ staging
+
+# Coordinates staged at a time: 1/32 of this rank's coordinates, within [2**16, 2**22] (256 KiB to 16 MiB
+# of fp32) and a multiple of a sign word's 64: scratch stays small beside the shards, pieces few. PIECE
+# fixes it (tests).
+PIECE: int | None = None
+PIECE_BOUNDS = (1 << 16, 1 << 22)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Coordinates ``[lo, hi)`` of a bucket, and where they come from: ``segments`` of
+    (member in the bucket, start in its flat local shard, start in the piece, length)."""
+
+    lo: int
+    hi: int
+    segments: tuple[tuple[int, int, int, int], ...]
+
+
+def piece_size(numel: int) -> int:
+    """Coordinates per piece for a rank holding ``numel`` coordinates of shards."""
+    if PIECE is not None:
+        return PIECE
+    low, high = PIECE_BOUNDS
+    return min(max(-(-numel // 32 // 64) * 64, low), high)
+
+
+def pieces_of(bucket: Bucket, piece: int) -> list[Piece]:
+    """Cut ``bucket`` into pieces of ``piece`` coordinates (the last may be shorter)."""
+    pieces = []
+    for lo in range(0, bucket.padded_numel, piece):
+        hi = min(lo + piece, bucket.padded_numel)
+        segments = tuple((member, a - slot.offset, a - lo, b - a)
+                         for member, slot in enumerate(bucket.slots)
+                         for a, b in [(max(slot.offset, lo), min(slot.offset + slot.numel, hi))] if a < b)
+        pieces.append(Piece(lo, hi, segments))
+    return pieces
+
+
+class ShardStaging:
+    """FSDP2's local shards and gradients, staged piece by piece through two small scratch buffers.
+
+    FSDP owns the shards' storage and the gradients, so DistLion keeps no bucket copy of
+    either: packing gathers a piece of the gradients into scratch, and applying gathers it
+    again (for the momentum), copies the piece's parameter values in, updates them and
+    copies them back. Memory: two pieces per dtype instead of two copies of the shards.
+    """
+
+    def __init__(self, buckets: list[Bucket], shards: list[list[Tensor]]):
+        piece = piece_size(sum(bucket.padded_numel for bucket in buckets))
+        self.pieces = [pieces_of(bucket, piece) for bucket in buckets]
+        self.shards = [[shard.view(-1) for shard in members] for members in shards]
+        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        for bucket in buckets:
+            key = (bucket.device, bucket.dtype)
+            sizes[key] = max(sizes.get(key, 0), min(piece, bucket.padded_numel))
+        self._grads = {key: torch.zeros(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
+        self._values = {key: torch.zeros(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
+
+    @staticmethod
+    def can_stage(shards: list[Tensor]) -> bool:
+        """True when every local shard is contiguous (FSDP's Shard(0)), so it has a flat view."""
+        return all(shard.is_contiguous() for shard in shards)
+
+    def gather(self, index: int, piece: Piece, grads: list[Tensor | None], bucket: Bucket,
+               grad_scale: Tensor | None) -> Tensor:
+        """The piece of the bucket's gradients (zero where a parameter has none, and in the padding)."""
+        out = self._grads[(bucket.device, bucket.dtype)][:piece.hi - piece.lo]
+        out.zero_()
+        for member, start, at, length in piece.segments:
+            grad = grads[member]
+            if grad is not None:
+                out[at:at + length].copy_(grad.reshape(-1)[start:start + length])
+        if grad_scale is not None:
+            out.mul_(grad_scale.double().reciprocal().float())
+        return out
+
+    def load(self, index: int, piece: Piece, bucket: Bucket) -> Tensor:
+        """The piece of the bucket's parameter values, copied from the local shards."""
+        out = self._values[(bucket.device, bucket.dtype)][:piece.hi - piece.lo]
+        out.zero_()
+        for member, start, at, length in piece.segments:
+            out[at:at + length].copy_(self.shards[index][member][start:start + length])
+        return out
+
+    def store(self, index: int, piece: Piece, values: Tensor) -> None:
+        """Copy the updated piece back into the local shards."""
+        for member, start, at, length in piece.segments:
+            self.shards[index][member][start:start + length].copy_(values[at:at + length])

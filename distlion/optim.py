@@ -40,14 +40,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from distlion.averaged import AveragedGradientsCheck
 from distlion.checks import check_hyperparameters, check_layout_agrees, check_parameters, is_real_number
 from distlion.comm import CommStats, NodeCollectives, choose_exchange, make_exchange, make_node, ring_allreduce_bytes
 from distlion.comm.flat import wait_for
 from distlion.kernels import kernels_for
 from distlion.kernels.gather import gather_into
 from distlion.layout import Bucket, BucketLayout, build_layout, slot_views
-from distlion.local_shards import (check_sharded_parameters, copy_shards, is_dtensor, is_sharded, local_grad,
-                                   local_param_groups, local_tensor, shard_groups, vote_group_of_mesh)
+from distlion.local_shards import (ShardStaging, check_sharded_parameters, copy_shards, is_dtensor, is_sharded,
+                                   local_grad, local_param_groups, local_tensor, shard_groups, vote_group_of_mesh)
 from distlion.topology import (AUTO, NodeTopology, check_ranks_per_node, from_groups, resolve_ranks_per_node,
                                single_rank, split_group)
 from distlion.vote import VOTES, VoteRule
@@ -67,10 +68,10 @@ class _BucketBuffers:
     it only (the whole bucket when a node is one rank).
     """
 
-    params: Tensor
+    params: Tensor | None      # None when staged: FSDP2's local shards are the parameters (ShardStaging)
     node_grads: Tensor | None  # the whole bucket's local gradient, reduced over the node (ranks_per_node > 1):
                                # a view of one of two staging buffers that every bucket shares
-    grads: Tensor              # the chunk's gradient: the node's mean over its ranks
+    grads: Tensor | None       # the chunk's gradient: the node's mean over its ranks (None when staged)
     momentum: Tensor
     bits: Tensor
     master: Tensor | None
@@ -161,6 +162,7 @@ class DistLion(torch.optim.Optimizer):
                 raise ValueError("pass device_mesh or process_group / node_group, not both: device_mesh's "
                                  "'replicate' dim is the vote group")
             process_group = vote_group_of_mesh(device_mesh)
+        self.device_mesh = device_mesh
         self.process_group = _resolve_group(process_group)
         self.timeout = timedelta(seconds=timeout) if timeout is not None else None
         self.vote = vote
@@ -177,6 +179,7 @@ class DistLion(torch.optim.Optimizer):
         self.vote_rule = VoteRule(vote, self.topology.nodes)
         self.exchange_name = choose_exchange(exchange, self.topology.nodes)
         self.comm_stats.ranks_per_node = self.ranks_per_node
+        self._averaged_check = AveragedGradientsCheck(self.topology.nodes, self.comm_stats)
         self._build(previous=None)
         self._broadcast_parameters()
 
@@ -250,16 +253,19 @@ class DistLion(torch.optim.Optimizer):
         Through the vote group first (rank j of every node gets node 0's rank j's values),
         then through the node group (every rank gets its node's first rank's).
         """
-        for group in (self.topology.vote_group, self.topology.node_group):
-            if group is None:
-                continue
-            source = dist.get_global_rank(group, 0)
-            for buffers in self._buffers:
-                wait_for(dist.broadcast(buffers.params, src=source, group=group, async_op=True),
+        groups = [group for group in (self.topology.vote_group, self.topology.node_group) if group is not None]
+        for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
+            params = buffers.params
+            if self._staging is not None:  # a whole bucket, once: the shards in, rank 0's values out
+                params = torch.zeros(bucket.padded_numel, dtype=bucket.dtype, device=bucket.device)
+                copy_shards([view.view(-1) for view in slot_views(params, bucket)], self._staging.shards[index])
+            for group in groups:
+                wait_for(dist.broadcast(params, src=dist.get_global_rank(group, 0), group=group, async_op=True),
                          "the broadcast of rank 0's parameters", self.timeout)
-        for buffers in self._buffers:
             if buffers.master is not None:
-                buffers.master.copy_(self.topology.chunk(buffers.params))
+                buffers.master.copy_(self.topology.chunk(params))
+            if self._staging is not None:
+                copy_shards(self._staging.shards[index], [view.view(-1) for view in slot_views(params, bucket)])
         self._copy_out_shards()
 
     # ------------------------------------------------------------------ layout
@@ -274,11 +280,13 @@ class DistLion(torch.optim.Optimizer):
 
     def _copy_in_shards(self) -> None:
         """Copy the DTensor parameters' local shards into their bucket views (they may have been changed)."""
-        copy_shards(self._shard_views, self._shards)
+        if self._shard_views:  # none when staged
+            copy_shards(self._shard_views, self._shards)
 
     def _copy_out_shards(self) -> None:
         """Copy the updated bucket views back into the DTensor parameters' local shards, which FSDP owns."""
-        copy_shards(self._shards, self._shard_views)
+        if self._shard_views:
+            copy_shards(self._shards, self._shard_views)
         for index in self._shard_masters:  # DistLion's own write, not a change to follow
             self._master_versions[index] = self._masters[index][0]._version
 
@@ -292,6 +300,12 @@ class DistLion(torch.optim.Optimizer):
         """
         self.layout: BucketLayout = self._new_layout()
         params = self._params_in_order()
+        members_of = [[params[slot.param_index] for slot in bucket.slots] for bucket in self.layout.buckets]
+        staged = self.ranks_per_node == 1 and bool(params) and all(is_sharded(p) for p in params) and \
+            ShardStaging.can_stage([local_tensor(p) for p in params])
+        # FSDP2's shards and gradients are staged piece by piece rather than copied into buckets
+        self._staging = ShardStaging(self.layout.buckets, [[local_tensor(p) for p in members]
+                                                           for members in members_of]) if staged else None
         self._shards: list[Tensor] = []      # DTensor parameters' local shards, and their bucket views
         self._shard_views: list[Tensor] = []
         self._shard_of: dict[int, Tensor] = {}  # id(DTensor parameter) -> its local shard
@@ -303,18 +317,21 @@ class DistLion(torch.optim.Optimizer):
         staging = self._allocate_staging()
         for bucket in self.layout.buckets:
             buffers = self._allocate(bucket, staging)
-            members = [params[slot.param_index] for slot in bucket.slots]
-            views = slot_views(buffers.params, bucket)
+            members = members_of[len(self._buffers)]
+            views = slot_views(buffers.params, bucket) if buffers.params is not None else [None] * len(members)
             for param, view in zip(members, views):
                 if is_dtensor(param):
                     self._shards.append(local_tensor(param))
-                    self._shard_views.append(view)
                     self._shard_of[id(param)] = self._shards[-1]
-                    view.copy_(self._shards[-1])
+                    if view is not None:
+                        self._shard_views.append(view)
+                        view.copy_(self._shards[-1])
                 else:
                     view.copy_(param.detach())
                     param.data = view  # the parameter now lives in the bucket
-            if buffers.master is not None:
+            if buffers.master is not None and buffers.params is None:
+                copy_shards(slot_views(buffers.master, bucket), [local_tensor(p) for p in members])
+            elif buffers.master is not None:
                 buffers.master.copy_(self.topology.chunk(buffers.params))
             for slot, param, momentum, master, vote_ema in zip(
                     bucket.slots, members, self._chunk_views(buffers.momentum, bucket),
@@ -378,10 +395,11 @@ class DistLion(torch.optim.Optimizer):
         sharded = self.ranks_per_node > 1
         grad_dtype = self.defaults["reduce_dtype"] if sharded else bucket.dtype
         index = len(self._buffers)
+        staged = self._staging is not None
         return _BucketBuffers(
-            params=torch.zeros(n, dtype=bucket.dtype, device=dev),
+            params=None if staged else torch.zeros(n, dtype=bucket.dtype, device=dev),
             node_grads=staging[dev][index % 2][:n] if sharded else None,
-            grads=torch.zeros(chunk, dtype=grad_dtype, device=dev),
+            grads=None if staged else torch.zeros(chunk, dtype=grad_dtype, device=dev),
             momentum=torch.zeros(chunk, dtype=self.defaults["momentum_dtype"], device=dev),
             bits=torch.zeros(chunk // 8, dtype=torch.uint8, device=dev),
             master=torch.zeros(chunk, dtype=torch.float32, device=dev) if low_precision else None,
@@ -492,6 +510,8 @@ class DistLion(torch.optim.Optimizer):
         step = self._step + 1
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
         found_inf = getattr(self, "found_inf", None)
+        watching = self._averaged_check.watching(step)
+        gradients_nonzero = watching and self._gradients_nonzero()
         # Inside a node, launch the reduce-scatter of the first two buckets; each later one
         # is launched as soon as the bucket two before it is packed and its staging buffer free.
         for index in range(min(2, len(self._buffers)) if self.ranks_per_node > 1 else 0):
@@ -507,6 +527,8 @@ class DistLion(torch.optim.Optimizer):
         # Vote on every bucket; the flags arrive with the signs, so the skip is decided here
         # while the voted bits of the two-phase exchange are still on their way.
         vote = self.vote_rule.kernel(step)
+        if watching:
+            vote = self._averaged_check.wrap(vote)
         skip = None
         for index in range(len(self._buffers)):
             any_nonfinite = self._exchange.vote(index, vote)
@@ -515,6 +537,8 @@ class DistLion(torch.optim.Optimizer):
             skip = self._node.agree(skip)  # chunk j's voters know of chunk j; the node ORs the chunks
             for shards in self._shard_agreement:
                 skip = shards.agree(skip)
+        if watching:
+            self._averaged_check.end_step(gradients_nonzero)
         self.comm_stats.steps += 1
         self.comm_stats.allreduce_fp32_bytes += ring_allreduce_bytes(4 * self.layout.numel, self.world_size)
         # DeepSpeed's engine reads ``overflow`` to count skips and hold its LR scheduler.
@@ -529,6 +553,9 @@ class DistLion(torch.optim.Optimizer):
         for index, (bucket, buffers) in enumerate(zip(self.layout.buckets, self._buffers)):
             voted = self._exchange.finish(index)
             group = self.param_groups[bucket.group_index]
+            if self._staging is not None:
+                self._apply_staged(index, voted, step, grad_scale)
+                continue
             if self._momentum_in_pack(buffers):
                 self._swap_momentum(index)
             else:
@@ -543,6 +570,11 @@ class DistLion(torch.optim.Optimizer):
             self._check_momentum_range(step)
         self._step = step
         return loss
+
+    def _gradients_nonzero(self) -> bool:
+        """True when this rank has a non-zero gradient (read on the first few steps only)."""
+        return any(grad is not None and bool(grad.any())
+                   for index in range(len(self._buffers)) for grad in self._bucket_grads(index))
 
     def _reduce_start(self, index: int, grad_scale: Tensor | None) -> None:
         """Gather the bucket's local gradients into its staging buffer and launch the node's reduce-scatter."""
@@ -561,6 +593,8 @@ class DistLion(torch.optim.Optimizer):
         buffers, bucket = self._buffers[index], self.layout.buckets[index]
         kernels = kernels_for(bucket.device)
         beta1, beta2 = self.param_groups[bucket.group_index]["betas"]
+        if self._staging is not None:
+            return self._pack_staged(index, step, grad_scale)
         if self.ranks_per_node > 1:
             self._node.reduce_finish(index)  # buffers.grads now holds the node's mean gradient
         elif self._momentum_in_pack(buffers) and grad_scale is None:
@@ -577,6 +611,40 @@ class DistLion(torch.optim.Optimizer):
         return kernels.pack_signs_and_check(buffers.grads, buffers.momentum, buffers.bits, beta1=beta1,
                                             parity=step % 2)
 
+    def _pack_staged(self, index: int, step: int, grad_scale: Tensor | None) -> Tensor:
+        """Pack the signs of a bucket of FSDP2 shards piece by piece; the momentum is updated at apply."""
+        buffers, bucket = self._buffers[index], self.layout.buckets[index]
+        kernels = kernels_for(bucket.device)
+        beta1 = self.param_groups[bucket.group_index]["betas"][0]
+        grads = self._bucket_grads(index)
+        flag = None
+        for piece in self._staging.pieces[index]:
+            piece_grads = self._staging.gather(index, piece, grads, bucket, grad_scale)
+            nonfinite = kernels.pack_signs_and_check(piece_grads, buffers.momentum[piece.lo:piece.hi],
+                                                     buffers.bits[piece.lo // 8:piece.hi // 8], beta1=beta1,
+                                                     parity=step % 2)
+            flag = nonfinite if flag is None else flag | nonfinite
+        return flag
+
+    def _apply_staged(self, index: int, voted: Tensor, step: int, grad_scale: Tensor | None) -> None:
+        """Update a bucket of FSDP2 shards piece by piece: the momentum from the gradients gathered
+        again, then the parameters (or their masters) from the vote, copied back into the shards."""
+        buffers, bucket = self._buffers[index], self.layout.buckets[index]
+        kernels = kernels_for(bucket.device)
+        group = self.param_groups[bucket.group_index]
+        grads = self._bucket_grads(index)
+        for piece in self._staging.pieces[index]:
+            lo, hi = piece.lo, piece.hi
+            kernels.update_momentum(self._staging.gather(index, piece, grads, bucket, grad_scale),
+                                    buffers.momentum[lo:hi], beta2=group["betas"][1])
+            values = self._staging.load(index, piece, bucket)
+            self.vote_rule.apply(values, voted[:, lo // 8:hi // 8].contiguous(), lr=group["lr"],
+                                 weight_decay=group["weight_decay"],
+                                 master=None if buffers.master is None else buffers.master[lo:hi],
+                                 vote_ema=None if buffers.vote_ema is None else buffers.vote_ema[lo:hi],
+                                 beta=group["vote_ema_beta"], step=step)
+            self._staging.store(index, piece, values)
+
     def _check_scaled_groups(self) -> None:
         """Raise before any exchange if a group turned vote_ema_beta on after its buffers were built."""
         for bucket, buffers in zip(self.layout.buckets, self._buffers):
@@ -587,8 +655,9 @@ class DistLion(torch.optim.Optimizer):
 
     @staticmethod
     def _momentum_in_pack(buffers: _BucketBuffers) -> bool:
-        """True when the pack pass can write the new momentum over the gradient buffer (same dtype)."""
-        return buffers.grads.dtype == buffers.momentum.dtype
+        """True when the pack pass can write the new momentum over the gradient buffer (same dtype;
+        never when staged, where the gradient buffer is a piece of scratch)."""
+        return buffers.grads is not None and buffers.grads.dtype == buffers.momentum.dtype
 
     def _swap_momentum(self, index: int) -> None:
         """Make the gradient buffer, which holds the new momentum, the momentum; the old one is scratch.

@@ -21,6 +21,12 @@ Accelerate (DistLion goes through ``distlion.accelerate.prepare``)::
 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 4 -m launch.train --accelerate
 
+FSDP2 on a (replicate, shard) mesh of M nodes of G ranks (``--ranks_per_node G``, default
+LOCAL_WORLD_SIZE): each block is ``fully_shard``-ed over a node's ranks. DistLion votes
+across the replicas; ``adamw`` is FSDP2's hybrid sharding (its replicate all-reduce)::
+
+    torchrun --standalone --nproc_per_node 4 -m launch.train --fsdp --ranks_per_node 2
+
 DeepSpeed (DistLion goes through ``distlion.deepspeed.initialize``)::
 
     deepspeed --module launch.train --deepspeed_config launch/deepspeed/CONFIG.json
@@ -140,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     wrap = parser.add_mutually_exclusive_group()
     wrap.add_argument("--accelerate", action="store_true",
                       help="run under `accelerate launch`: DistLion goes through distlion.accelerate.prepare")
+    wrap.add_argument("--fsdp", action="store_true",
+                      help="torchrun: FSDP2 inside each node of --ranks_per_node ranks; distlion votes across "
+                           "nodes, adamw is FSDP2's hybrid sharding")
     wrap.add_argument("--deepspeed_config", default=None, metavar="PATH",
                       help="run under the DeepSpeed launcher with this config: DistLion goes through "
                            "distlion.deepspeed.initialize")
@@ -153,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.optimizer == "adamw" and args.vote_ema_beta is not None:
         parser.error(f"--vote_ema_beta {args.vote_ema_beta}: only distlion and lion take it")
-    if args.optimizer != "distlion" and args.ranks_per_node not in ("auto", 1):
+    if args.optimizer != "distlion" and args.ranks_per_node not in ("auto", 1) and not args.fsdp:
         parser.error(f"--ranks_per_node {args.ranks_per_node}: only distlion takes it")
     defaults = DEFAULT_HYPERPARAMETERS[args.optimizer]
     for key, value in defaults.items():
@@ -287,6 +296,43 @@ def plain_engine(args, model: GPT, corpus, session: Session) -> Engine:
                   lambda: counter.bytes_sent)
 
 
+def fsdp_engine(args, model: GPT, corpus, session: Session) -> Engine:
+    """torchrun with FSDP2: blocks sharded over a node's ranks; DistLion votes across the replicas.
+
+    AdamW is FSDP2's hybrid sharding over the whole mesh (reduce-scatter in the node,
+    fp32 all-reduce across nodes), whose bytes are not counted (None).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if args.optimizer == "lion":
+        raise SystemExit("--fsdp runs distlion or adamw; for global Lion use torchrun without --fsdp")
+    if not session.distributed:
+        raise SystemExit("--fsdp needs several processes: torchrun --nproc_per_node N -m launch.train --fsdp")
+    per_node = args.ranks_per_node if args.ranks_per_node != "auto" else \
+        int(os.environ.get("LOCAL_WORLD_SIZE", session.world_size))
+    if session.world_size % per_node:
+        raise SystemExit(f"--ranks_per_node {per_node} does not divide the {session.world_size} processes")
+    if args.eval_sequences % session.world_size:
+        raise SystemExit(f"--eval_sequences {args.eval_sequences}: use a multiple of the {session.world_size} "
+                         f"processes (FSDP's ranks must run the same number of validation batches)")
+    mesh = init_device_mesh(session.device.type, (session.world_size // per_node, per_node),
+                            mesh_dim_names=("replicate", "shard"))
+    shard_over = mesh["shard"] if args.optimizer == "distlion" else mesh
+    for block in model.blocks:
+        fully_shard(block, mesh=shard_over)
+    fully_shard(model, mesh=shard_over)
+    groups = _param_groups(model, args)
+    if args.optimizer == "distlion":
+        optimizer = DistLion(groups, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, vote=args.vote,
+                             exchange=args.exchange, device_mesh=mesh,
+                             vote_ema_beta=None if args.vote_ema_beta == "off" else args.vote_ema_beta)
+    else:
+        optimizer = build_optimizer(args, groups, session)
+    return Engine(lambda x, y: model(x, y)[1], torch.Tensor.backward, _step_and_clear(optimizer), optimizer,
+                  model, _plain_batches(corpus, args, session), _distlion_bytes(optimizer))
+
+
 def accelerate_engine(args, model: GPT, corpus, session: Session) -> Engine:
     """Under `accelerate launch`: a sharded DataLoader, and prepare() from distlion for DistLion."""
     accelerator = session.accelerator
@@ -340,7 +386,8 @@ def parameter_digests(module: torch.nn.Module, session: Session) -> list[str]:
     """Return every rank's sha256 of its parameters' bytes (rank order)."""
     digest = hashlib.sha256()
     for param in module.parameters():
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2: the whole parameter
+        digest.update(full.detach().float().cpu().contiguous().numpy().tobytes())
     mine = digest.hexdigest()[:16]
     if not session.distributed:
         return [mine]
@@ -404,7 +451,8 @@ def train(args: argparse.Namespace) -> dict:
     check_fits(corpus.val, args.block_size, "validation")
     torch.manual_seed(args.seed)  # the same initial weights on every rank: nothing to broadcast
     model = GPT(args.model).to(session.device)
-    builder = accelerate_engine if args.accelerate else deepspeed_engine if args.deepspeed_config else plain_engine
+    builder = (accelerate_engine if args.accelerate else deepspeed_engine if args.deepspeed_config
+               else fsdp_engine if args.fsdp else plain_engine)
     engine = builder(args, model, corpus, session)
     tokens_per_step = session.world_size * args.batch_size * args.block_size
     progress = Progress(args, session)
@@ -454,6 +502,7 @@ def train(args: argparse.Namespace) -> dict:
         "vote": args.vote if args.optimizer == "distlion" else None,
         "exchange": inner.exchange_name if inner is not None and args.optimizer == "distlion" else None,
         "launcher": "accelerate" if args.accelerate else "deepspeed" if args.deepspeed_config else "torchrun",
+        "fsdp": args.fsdp,
         "world_size": session.world_size,
         "device": str(session.device),
         "num_parameters": args.model.num_parameters,

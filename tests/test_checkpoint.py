@@ -171,7 +171,8 @@ def test_a_load_failure_on_one_rank_fails_every_rank(tmp_path, damage):
     broken = outcomes[1]
     assert broken["error"] == "ValueError", broken  # its own error
     if damage == "missing":
-        assert "holds DistLion optimizer state of 2 rank(s) (ranks [0, 2])" in broken["message"]
+        assert "holds DistLion optimizer state of ranks [0, 2] of 3 processes, but not" in broken["message"]
+        assert "the checkpoint is incomplete" in broken["message"] and "None" not in broken["message"]
     else:
         path = tmp_path / state_file_name(1, 3)
         assert f"{path} is truncated or not a DistLion checkpoint" in broken["message"]
@@ -198,3 +199,43 @@ def test_mismatch_names_ranks_per_node():
     assert describe_mismatch({"world_size": 4, "ranks_per_node": 2, "rank": 1},
                              {"world_size": 4, "ranks_per_node": 1, "rank": 1}) == \
         "ranks per node 2, but this run has ranks per node 1"
+
+
+def _save_and_load_public(rank: int, world_size: int, directory: str, k: int = 2) -> tuple[bool, str]:
+    """distlion.save after k steps, then distlion.load into a fresh DistLion: the same next k steps.
+
+    Also returns the error of loading from an empty directory (on every rank)."""
+    import distlion
+    from simulation import BETAS, LR, WD, _grads, _params
+
+    def run(params, opt, steps):
+        for step in steps:
+            for p, g in zip(params, _grads(rank, step, "random")):
+                p.grad = g
+            opt.step()
+
+    params = _params()
+    opt = DistLion(params, lr=LR, betas=BETAS, weight_decay=WD)
+    run(params, opt, range(1, k + 1))
+    saved = [p.detach().clone() for p in params]
+    distlion.save(opt, directory)
+    run(params, opt, range(k + 1, 2 * k + 1))
+    resumed = [torch.nn.Parameter(t) for t in saved]
+    opt2 = DistLion(resumed, lr=LR, betas=BETAS, weight_decay=WD)
+    distlion.load(opt2, directory)
+    run(resumed, opt2, range(k + 1, 2 * k + 1))
+    same = all(torch.equal(a, b) for a, b in zip(params, resumed))
+    try:
+        distlion.load(opt2, os.path.join(directory, "empty"))
+        error = ""
+    except ValueError as caught:
+        error = str(caught)
+    return same, error
+
+
+@pytest.mark.timeout(120)
+def test_public_save_and_load_resume_exactly(tmp_path):
+    for rank, (same, error) in enumerate(run_ranks(_save_and_load_public, 2, str(tmp_path), timeout=90)):
+        assert same
+        assert f"No DistLion optimizer state for rank {rank}" in error and "distlion.save(optimizer" in error
+    assert find_state_files(str(tmp_path)) == [StateFile(0, 0, 2), StateFile(0, 1, 2)]

@@ -146,6 +146,67 @@ def _save_and_resume(rank, mesh, k=2):
     return same, _error(lambda: opt2.load_state_dict(saved))
 
 
+def _dcp_resume(rank, mesh, directory, k=2):
+    """``_save_and_resume`` through DCP, with bf16 shards (fp32 masters) and the vote EMA: every state tensor.
+
+    Also returns the full stacked momentum at the save (to check a resharded load against)
+    and the error of loading into a mesh with four replicas.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from distlion.dcp import sharded_state
+
+    def build(on_mesh):
+        model = _sharded_model(on_mesh, dtype=torch.bfloat16)
+        return model, DistLion(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD, vote_ema_beta=0.9,
+                               device_mesh=on_mesh)
+
+    def run(model, opt, steps):
+        for step in steps:
+            model([g.to(torch.bfloat16) for g in _grads(rank, step, STYLE)]).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = build(mesh)
+    run(model, opt, range(1, k + 1))
+    dcp.save({"model": model.state_dict(), "optimizer": sharded_state(opt)}, checkpoint_id=directory)
+    saved = {index: {key: value.full_tensor() for key, value in tensors.items()}
+             for index, tensors in sharded_state(opt).state_dict()["state"].items()}
+    run(model, opt, range(k + 1, 2 * k + 1))
+    resumed, opt2 = build(mesh)
+    opt2.param_groups[0]["lr"] = 1.0  # the checkpoint's hyperparameters win
+    dcp.load({"model": resumed.state_dict(), "optimizer": sharded_state(opt2)}, checkpoint_id=directory)
+    same_step = opt2._step == k and opt2.param_groups[0]["lr"] == LR
+    run(resumed, opt2, range(k + 1, 2 * k + 1))
+    same = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(model.parameters(), resumed.parameters()))
+    same &= all(torch.equal(opt.state[a][key], opt2.state[b][key])
+                for a, b in zip(model.parameters(), resumed.parameters()) for key in opt.state[a])
+    four_replicas = init_device_mesh("cpu", (4, 1), mesh_dim_names=("replicate", "shard"))
+    _, other = build(four_replicas)
+    try:
+        dcp.load({"optimizer": sharded_state(other)}, checkpoint_id=directory)
+        mismatch = None
+    except BaseException as error:  # DCP's CheckpointException is a BaseException
+        mismatch = str(error)
+    return same and same_step, saved, mismatch
+
+
+def _dcp_load_resharded(rank, world_size, mesh_shape, directory):
+    """Load the (2, 2) run's DCP checkpoint on a (2, 1) mesh: each rank's rows of the saved state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from distlion.dcp import sharded_state
+
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
+    model = _sharded_model(mesh, dtype=torch.bfloat16)
+    opt = DistLion(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD, vote_ema_beta=0.9, device_mesh=mesh)
+    dcp.load({"model": model.state_dict(), "optimizer": sharded_state(opt)}, checkpoint_id=directory)
+    state = sharded_state(opt).state_dict()["state"]
+    return {index: {key: value.full_tensor() for key, value in tensors.items()} for index, tensors in state.items()}
+
+
 def _replicated(rank, mesh):
     """Replicate() DTensors (not sharded) over one node of two ranks: DistLion's own node sharding applies."""
     from torch.distributed.tensor import DTensor, Replicate
@@ -169,7 +230,7 @@ def _error(build) -> str | None:
     return None
 
 
-def _scenarios(rank, world_size, mesh_shape, bf16):
+def _scenarios(rank, world_size, mesh_shape, bf16, directory=None):
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
@@ -180,6 +241,13 @@ def _scenarios(rank, world_size, mesh_shape, bf16):
         local_numel = sum(p.to_local().numel() for p in model.parameters())
         results[combo] = history, state_numel, local_numel, opt.ranks_per_node
     results["accumulated"] = _train(rank, mesh, micro_batches=2, load_later=True)[0]
+    results["kept after forward"] = _train(rank, mesh, reshard_after_forward=False)[0]
+    from distlion import local_shards
+
+    default_piece, local_shards.PIECE = local_shards.PIECE, 64  # stage the shards 64 coordinates at a time
+    history, _, opt = _train(rank, mesh, "average", "all_gather", 0.9)
+    results["pieces"] = history, len(opt._staging.pieces[0])
+    local_shards.PIECE = default_piece
     if bf16:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -192,6 +260,7 @@ def _scenarios(rank, world_size, mesh_shape, bf16):
     if mesh_shape == (2, 2):
         results["nonfinite"] = _nonfinite_on_one_rank(rank, mesh)
         results["resume"] = _save_and_resume(rank, mesh)
+        results["dcp"] = _dcp_resume(rank, mesh, directory)
     if mesh_shape == (1, 2):
         results["replicated"] = _replicated(rank, mesh)
     from torch.distributed.fsdp import fully_shard
@@ -224,13 +293,24 @@ def _check(results, nodes, ranks_per_node):
             shares = [results[node * ranks_per_node + g][combo][2] for g in range(ranks_per_node)]
             assert sum(shares) == numel and max(shares) <= -(-numel // ranks_per_node) + 2 * len(SHAPES)
     expected = simulate(world_size, STEPS, STYLE, ranks_per_node=ranks_per_node)
-    for per_rank in results:  # two micro-batches, values loaded after DistLion was built
+    for per_rank in results:  # two micro-batches, values loaded after DistLion was built; no reshard
         assert_equal_histories(per_rank["accumulated"], expected)
+        assert_equal_histories(per_rank["kept after forward"], expected)
+    expected = simulate(world_size, STEPS, STYLE, vote="average", vote_ema_beta=0.9, ranks_per_node=ranks_per_node)
+    for per_rank in results:  # staged through pieces of 64 coordinates: the same steps
+        history, pieces = per_rank["pieces"]
+        assert pieces > 1
+        assert_equal_histories(history, expected)
 
 
 @pytest.fixture(scope="module")
-def two_by_two():
-    return run_ranks(_scenarios, 4, (2, 2), True, timeout=150)
+def dcp_directory(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dcp"))
+
+
+@pytest.fixture(scope="module")
+def two_by_two(dcp_directory):
+    return run_ranks(_scenarios, 4, (2, 2), True, dcp_directory, timeout=180)
 
 
 @pytest.mark.timeout(200)
@@ -288,3 +368,21 @@ def test_exact_resume_from_per_rank_state_and_a_file_of_other_shards_is_an_error
     for same, error in (per_rank["resume"] for per_rank in two_by_two):
         assert same
         assert "FSDP shards of shard rank" in error
+
+
+@pytest.mark.timeout(200)
+def test_dcp_resume_is_exact_and_another_number_of_replicas_is_an_error(two_by_two):
+    for same, _, mismatch in (per_rank["dcp"] for per_rank in two_by_two):
+        assert same
+        assert mismatch is not None and "Size mismatch" in mismatch
+
+
+@pytest.mark.timeout(200)
+def test_dcp_state_loads_on_another_shard_size(two_by_two, dcp_directory):
+    """Saved by 2 x 2 ranks, loaded by 2 x 1: DCP re-splits each replica's rows of the state."""
+    saved = two_by_two[0]["dcp"][1]
+    loaded = run_ranks(_dcp_load_resharded, 2, (2, 1), dcp_directory, timeout=120)
+    for per_rank in loaded:
+        assert per_rank.keys() == saved.keys()
+        for index, tensors in per_rank.items():
+            assert all(torch.equal(tensors[key], saved[index][key]) for key in saved[index])

@@ -62,6 +62,22 @@ def test_torchrun_two_ranks_global_lion(two_rank_runs):
     assert lion["comm_stats"]["bytes_sent"] == 0  # the Lion step itself exchanges nothing
 
 
+@pytest.mark.timeout(300)
+def test_torchrun_fsdp_two_nodes_of_two(tmp_path):
+    """--fsdp on 4 ranks as 2 x 2: DistLion over FSDP2 against FSDP2's hybrid sharding with AdamW."""
+    runs = {name: run_training(["--optimizer", name, "--fsdp", "--ranks_per_node", "2", *TINY], 4,
+                               str(tmp_path / name)) for name in ("distlion", "adamw")}
+    for metrics in runs.values():
+        _check_run(metrics, world_size=4)  # full parameters identical on all 4 ranks
+        assert metrics["fsdp"]
+    lion = runs["distlion"]
+    assert lion["comm_stats"]["ranks_per_node"] == 1  # FSDP reduced the gradient inside the node
+    # each rank votes on its half of the parameters: a quarter of the flat 4-rank vote's bits, per rank
+    numel = lion["num_parameters"]
+    assert numel / 8 / 2 <= lion["comm_stats"]["inter_node_bytes_sent"] / lion["comm_stats"]["steps"] < numel / 8
+    assert lion["history"][0]["val_loss"] == runs["adamw"]["history"][0]["val_loss"]
+
+
 @pytest.mark.timeout(240)
 def test_accelerate_launch_matches_torchrun(two_rank_runs, tmp_path):
     """Under `accelerate launch` (distlion.accelerate.prepare, a sharded DataLoader) DistLion

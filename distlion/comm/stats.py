@@ -31,6 +31,9 @@ class CommStats:
         allreduce_fp32_bytes: what this rank would send in a ring all-reduce of the same
             parameters' fp32 gradients over all N ranks: 2*(N-1)/N * 4 bytes per parameter.
         ranks_per_node: G, the ranks of a node (they share one vote).
+        gradients_already_averaged: True once every voter packed identical signs on the
+            first steps (``distlion.averaged``): something all-reduced the gradients before
+            DistLion, so the saving is not real and ``compression`` is 0.0.
     """
 
     steps: int = 0
@@ -43,6 +46,7 @@ class CommStats:
     intra_node_bytes_received: int = 0
     allreduce_fp32_bytes: int = 0
     ranks_per_node: int = 1
+    gradients_already_averaged: bool = False
 
     COUNTERS = ("steps", "skipped_steps", "bytes_sent", "bytes_received", "inter_node_bytes_sent",
                 "inter_node_bytes_received", "intra_node_bytes_sent", "intra_node_bytes_received",
@@ -83,8 +87,11 @@ class CommStats:
     @property
     def compression(self) -> float:
         """Bytes DDP's fp32 ring sends across a node's boundary over the bytes this node's vote sends
-        to other nodes (every rank of a node sends the same share); 0.0 before any exchange."""
+        to other nodes (every rank of a node sends the same share); 0.0 before any exchange, and
+        when the gradients were averaged before DistLion (no saving)."""
         sent = self.ranks_per_node * self.inter_node_bytes_sent
+        if self.gradients_already_averaged:
+            return 0.0  # the all-reduce ran anyway
         return self.allreduce_fp32_node_bytes / sent if sent else 0.0
 
     def as_dict(self) -> dict:

@@ -1,0 +1,235 @@
+"""DistLionTrainer in real launches: 2 gloo CPU processes running tests/transformers_job.py.
+
+Two launches serve all tests: ``torchrun`` trains a tiny GPT-2 (bf16, gradient
+accumulation, clipping, cosine schedule, a checkpoint every SAVE_AT steps) to STEPS, then
+runs a Trainer that builds DistLion from ``optimizer_cls_and_kwargs`` and one with AdamW;
+``accelerate launch`` tries two checkpoints that must fail, then resumes the first run from
+step SAVE_AT in a fresh launch. Each launch runs under a timeout, so a hang fails instead
+of stalling CI.
+"""
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import transformers_job as job  # noqa: E402
+from distlion import DistLion  # noqa: E402
+from distlion.checkpoint import state_file_name  # noqa: E402
+from distlion.transformers import LOGGED_STATS, comm_logs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "tests" / "transformers_job.py"
+WORLD = 2
+LAUNCH_TIMEOUT = 240  # seconds per launch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _accelerate_command() -> list[str]:
+    """Return the ``accelerate`` of this interpreter's environment (never one from PATH)."""
+    entry_point = Path(sys.executable).with_name("accelerate")
+    if entry_point.exists():
+        return [str(entry_point), "launch"]
+    return [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def launch(launcher: str, out: Path, *job_args: str) -> None:
+    """Run the job on WORLD CPU processes under ``torchrun`` or ``accelerate launch``; fail on error or timeout."""
+    port = str(_free_port())
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+                   "127.0.0.1", "--master_port", port]
+    else:
+        command = [*_accelerate_command(), "--multi_gpu", "--num_machines", "1", "--num_processes", str(WORLD),
+                   "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", port]
+    command += [str(JOB), "--out", str(out), *job_args]
+    # HF_HOME: no default_config.yaml or hub cache of this machine's user slips into the launch.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(out / "hf_home")}
+    # A session of its own, so a timeout kills the launcher and every worker it started.
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{launcher} did not finish within {LAUNCH_TIMEOUT} s (hang?): {' '.join(command)}")
+    assert process.returncode == 0, f"{launcher} failed ({process.returncode}):\n{stderr[-6000:]}"
+
+
+def results(out: Path, phase: str) -> list[dict]:
+    return [torch.load(out / f"{phase}_rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+def bytes_per_step(numel: int, world_size: int) -> int:
+    """The core's all_gather exchange: (N-1) * (padded/8 + 8 flag bytes), padded to 64*N."""
+    multiple = 64 * world_size
+    padded = -(-numel // multiple) * multiple
+    return (world_size - 1) * (padded // 8 + 8)
+
+
+def losses(result: dict) -> list[dict]:
+    return [entry for entry in result["log_history"] if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("transformers")
+
+
+@pytest.fixture(scope="module")
+def trained(out):
+    launch("torchrun", out, "--phase", "train")
+    return results(out, "train")
+
+
+@pytest.fixture(scope="module")
+def resumed(trained, out):
+    checkpoint = out / "train_run" / f"checkpoint-{job.SAVE_AT}"
+    # What a plain Trainer (or save_only_model) leaves: the checkpoint without DistLion's files.
+    plain = out / "bad" / "plain"
+    shutil.copytree(checkpoint, plain, ignore=shutil.ignore_patterns("distlion_*"))
+    # A checkpoint of 3 processes: every rank's file named as a 3-rank run names it.
+    world3 = out / "bad" / "world3"
+    shutil.copytree(checkpoint, world3, ignore=shutil.ignore_patterns("distlion_*"))
+    for rank in range(3):
+        shutil.copy(checkpoint / state_file_name(min(rank, WORLD - 1), WORLD), world3 / state_file_name(rank, 3))
+    launch("accelerate", out, "--phase", "resume", "--ckpt", str(checkpoint), "--bad-ckpt", str(plain),
+           "--bad-ckpt", str(world3))
+    return results(out, "resume")
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
+def test_gradients_stay_local_and_replicas_stay_identical(trained):
+    for rank, result in enumerate(trained):
+        assert result["model_type"] == "DistributedDataParallel"  # Trainer's DDP, its all-reduce stopped
+        assert [facts["step"] for facts in result["steps"]] == list(range(1, job.STEPS + 1))
+        for facts in result["steps"]:
+            assert not facts["grads_same"], f"rank {rank} step {facts['step']}: gradients were all-reduced"
+            assert facts["params_same"], f"rank {rank} step {facts['step']}: parameters differ between ranks"
+        assert not result["comm"]["gradients_already_averaged"]
+    assert all(torch.equal(a, b) for a, b in zip(trained[0]["params"], trained[1]["params"]))
+    # Momentum is each rank's own.
+    assert not any(torch.equal(a, b) for a, b in zip(trained[0]["momentum"], trained[1]["momentum"]))
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
+def test_loss_decreases_under_bf16_with_the_lr_schedule(trained):
+    for result in trained:
+        assert result["mixed_precision"] == "bf16"
+        logged = losses(result)
+        assert len(logged) == job.STEPS and logged[-1]["loss"] < logged[0]["loss"] - 0.2
+        # Trainer's cosine schedule with 2 warm-up steps sets DistLion's lr after every step.
+        expected = [job.LR * step / 2 if step < 2 else
+                    job.LR * 0.5 * (1 + math.cos(math.pi * (step - 2) / (job.STEPS - 2)))
+                    for step in range(1, job.STEPS + 1)]
+        assert [facts["lr"] for facts in result["steps"]] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
+def test_accumulation_votes_once_per_step_and_clipping_is_per_rank(trained):
+    for result in trained:
+        # After each micro-step that is not the last of a step, DistLion has voted once per finished step.
+        assert result["micro_votes"] == list(range(job.STEPS))
+        assert [facts["votes"] for facts in result["steps"]] == list(range(1, job.STEPS + 1))
+        for facts, logged in zip(result["steps"], losses(result)):
+            assert logged["grad_norm"] > job.MAX_GRAD_NORM  # Trainer's norm before clipping: the clip binds
+            assert facts["clipped_norm"] == pytest.approx(job.MAX_GRAD_NORM, rel=1e-4)
+    # Each rank clips its own local gradient: the norms Trainer saw differ between ranks.
+    norms = [[entry["grad_norm"] for entry in losses(result)] for result in trained]
+    assert norms[0] != norms[1]
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
+def test_comm_figures_reach_the_log_history(trained):
+    expected = bytes_per_step(trained[0]["numel"], WORLD)
+    fp32 = 2 * (WORLD - 1) * 4 * trained[0]["numel"] // WORLD  # DDP's fp32 ring all-reduce, per rank and step
+    for result in trained:
+        assert [facts["bytes_sent"] for facts in result["steps"]] == [expected * s for s in range(1, job.STEPS + 1)]
+        for step, entry in enumerate(losses(result), start=1):
+            assert entry["distlion/steps"] == step and entry["distlion/skipped_steps"] == 0
+            assert entry["distlion/bytes_sent"] == expected * step
+            assert entry["distlion/bytes_sent_per_step"] == expected
+            assert entry["distlion/allreduce_fp32_bytes"] == fp32 * step
+            assert entry["distlion/compression"] == pytest.approx(fp32 / expected)
+        assert result["comm"]["compression"] > 30
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
+def test_checkpoints_hold_every_ranks_optimizer_state(trained, out):
+    for step in (job.SAVE_AT, job.STEPS):
+        checkpoint = out / "train_run" / f"checkpoint-{step}"
+        names = sorted(p.name for p in checkpoint.glob("distlion_*"))
+        assert names == [state_file_name(rank, WORLD) for rank in range(WORLD)]
+        assert not (checkpoint / "optimizer.pt").exists()  # rank 0's state alone would be wrong for rank 1
+        assert (checkpoint / "scheduler.pt").exists() and (checkpoint / "model.safetensors").exists()
+        for rank in range(WORLD):
+            state = torch.load(checkpoint / state_file_name(rank, WORLD), weights_only=True)
+            assert state["distlion"]["rank"] == rank and state["distlion"]["step"] == step
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 30)
+def test_resume_in_a_fresh_launch_is_bitwise_equal(trained, resumed):
+    for rank, (full, resume) in enumerate(zip(trained, resumed)):
+        for name in ("params", "momentum"):
+            assert all(torch.equal(a, b) for a, b in zip(full[name], resume[name])), \
+                f"rank {rank}: {name} after resuming differ from the uninterrupted run"
+        assert resume["comm"] == full["comm"]
+        # The resumed log: the checkpoint's (written by rank 0, its grad_norm), then the same steps again.
+        assert losses(resume) == losses(trained[0])[:job.SAVE_AT] + losses(full)[job.SAVE_AT:]
+        assert resume["steps"] == full["steps"][job.SAVE_AT:]  # local gradients, identical replicas, bytes, lr
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 30)
+def test_resume_without_distlion_files_or_from_another_world_size_fails_on_every_rank(resumed):
+    for rank, result in enumerate(resumed):
+        plain, world3 = result["errors"]["plain"], result["errors"]["world3"]
+        assert plain.startswith("ValueError: No DistLion optimizer state for rank")
+        assert f"expected {state_file_name(rank, WORLD)}" in plain and "saved by DistLionTrainer" in plain
+        assert "saved by a run of world size 3, but this run has world size 2" in world3
+        assert "relaunch with 3 processes" in world3
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
+def test_optimizer_cls_and_kwargs_builds_distlion(trained):
+    for result in trained:
+        run = result["cls_run"]
+        assert run["is_distlion"] and run["model_type"] == "DistributedDataParallel"
+        assert run["weight_decays"] == [0.1, 0.0]  # Trainer's groups: decay, and no decay for biases and norms
+        assert all(not facts["grads_same"] and facts["params_same"] for facts in run["steps"])
+        assert [facts["votes"] for facts in run["steps"]] == [1, 2]
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
+def test_any_other_optimizer_gets_plain_trainer(trained, out):
+    for result in trained:
+        run = result["adamw_run"]
+        assert run["distlion"] is None
+        assert all(facts["grads_same"] and facts["params_same"] for facts in run["steps"])  # DDP all-reduces
+    checkpoint = out / "adamw_run" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").exists() and not list(checkpoint.glob("distlion_*"))
+
+
+def test_comm_logs_names_distlion_figures():
+    model = torch.nn.Linear(4, 2)
+    logs = comm_logs(DistLion(model.parameters(), lr=1e-3))
+    assert list(logs) == [f"distlion/{key}" for key in LOGGED_STATS]
+    assert logs["distlion/steps"] == 0 and logs["distlion/bytes_sent"] == 0
+    with pytest.raises(TypeError, match="needs a DistLion optimizer"):
+        comm_logs(torch.optim.SGD(model.parameters(), lr=0.1))
