@@ -174,7 +174,11 @@ def distlion_trainer(config: GPTConfig, *, vote: str = "majority", exchange: str
     model = _model(config)
     optimizer = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1, vote=vote, exchange=exchange,
                          vote_ema_beta=vote_ema_beta, ranks_per_node=ranks_per_node)
+    return _distlion_steps(name, model, optimizer)
 
+
+def _distlion_steps(name: str, model: GPT, optimizer: DistLion) -> Trainer:
+    """The trainer of ``model`` with DistLion: backward, then the phase ``step()``; bytes from its counters."""
     def forward_backward(x, y):
         model(x, y)[1].backward()
 
@@ -274,15 +278,7 @@ def fsdp_distlion_trainer(config: GPTConfig, mesh, *, vote_ema_beta: float | Non
     model = shard_model(_model(config), mesh["shard"])
     optimizer = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1, vote_ema_beta=vote_ema_beta,
                          device_mesh=mesh)
-
-    def forward_backward(x, y):
-        model(x, y)[1].backward()
-
-    def phase():
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
-
-    return Trainer(name, forward_backward, phase, lambda: optimizer.comm_stats.bytes_sent, optimizer.comm_stats)
+    return _distlion_steps(name, model, optimizer)
 
 
 def timed_steps(trainer: Trainer, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> dict:

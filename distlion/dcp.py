@@ -8,7 +8,8 @@ placements ``(Shard(0), Shard(d + 1))`` where FSDP shards dim ``d``: replica m's
 momentum is row m. Every rank saves and loads its own part exactly, and a resume with
 another number of ranks per node ("shard" size) re-splits the rows by DCP's own
 resharding. A resume with another number of replicas ``M`` fails in DCP's planning, on
-every rank, with a size mismatch of ``(M, *S)``: each replica's momentum is its own.
+every rank, with a size mismatch of ``(M, *S)`` under ``state_by_replica``: each replica's
+momentum is its own.
 
 Everything is a tensor (no pickled objects): the step, the vote, the number of
 parameters and of replicas, each param group's hyperparameters and the byte counters
@@ -73,7 +74,7 @@ class ShardedState:
         meta = {"format": FORMAT, "replicas": opt.world_size, "vote": VOTES.index(opt.vote), "step": opt._step,
                 "parameters": len(self._params)}
         return {
-            "state": state,
+            "state_by_replica": state,  # a size mismatch of dim 0 names the number of replicas
             "meta": torch.tensor([meta[field] for field in META_FIELDS], dtype=torch.int64),
             "param_groups": {str(i): torch.tensor(_group_values(group), dtype=torch.float64)
                              for i, group in enumerate(opt.param_groups)},
@@ -108,7 +109,7 @@ class ShardedState:
                                  f"has {group['vote_ema_beta']!r}: build it with the saved setting")
             group.update(lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                          vote_ema_beta=None if math.isnan(beta) else beta)
-        for index, tensors in state_dict["state"].items():
+        for index, tensors in state_dict["state_by_replica"].items():
             for key, value in tensors.items():
                 if not torch.isfinite(value.to_local()).all():
                     raise ValueError(f"DistLion's DCP state '{key}' of parameter {index} holds inf or nan: the saved "

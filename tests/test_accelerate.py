@@ -12,10 +12,7 @@ shows, under a timeout, so a hang fails instead of stalling CI.
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,31 +23,17 @@ pytest.importorskip("accelerate")
 from safetensors.torch import load_file  # noqa: E402  (installed with accelerate)
 
 import accelerate_job as job  # noqa: E402
+from launchers import ROOT, accelerate_command, free_port, run_bounded  # noqa: E402
 import distlion  # noqa: E402
 import distlion.accelerate  # noqa: E402
 from distlion import DistLion  # noqa: E402
 from distlion.checkpoint import state_file_name  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "accelerate_job.py"
 CPU_CONFIG = ROOT / "launch" / "accelerate" / "cpu_2proc.yaml"
 WORLD = 2
 STEPS, SAVE_AT = 8, 4  # save_state at step k = 4, train to 2k = 8
 LAUNCH_TIMEOUT = 240  # seconds per launch
-
-
-def _accelerate_command() -> list[str]:
-    """Return the ``accelerate`` of this interpreter's environment (never one from PATH)."""
-    entry_point = Path(sys.executable).with_name("accelerate")
-    if entry_point.exists():
-        return [str(entry_point), "launch"]
-    return [sys.executable, "-m", "accelerate.commands.launch"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(*job_args: str, num_processes: int = WORLD, mixed_precision: str = "no",
@@ -62,22 +45,13 @@ def launch(*job_args: str, num_processes: int = WORLD, mixed_precision: str = "n
     """
     if layout is None:
         layout = ["--config_file", str(CPU_CONFIG)] if config_file else ["--multi_gpu", "--num_machines", "1"]
-    command = [*_accelerate_command(), *layout, "--num_processes", str(num_processes), "--mixed_precision",
-               mixed_precision, "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(job),
+    command = [*accelerate_command(), *layout, "--num_processes", str(num_processes), "--mixed_precision",
+               mixed_precision, "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(job),
                *job_args]
     # HF_HOME: no default_config.yaml of this machine's user slips into the launch.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "HF_HOME": str(Path(job_args[job_args.index("--out") + 1]) / "hf_home")}
-    # A session of its own, so a timeout kills the launcher and every worker it started.
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"accelerate launch did not finish within {LAUNCH_TIMEOUT} s (hang?): {' '.join(command)}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_bounded(command, env, LAUNCH_TIMEOUT)
 
 
 def launch_ok(*job_args: str, **kwargs) -> None:

@@ -172,7 +172,7 @@ def _dcp_resume(rank, mesh, directory, k=2):
     run(model, opt, range(1, k + 1))
     dcp.save({"model": model.state_dict(), "optimizer": sharded_state(opt)}, checkpoint_id=directory)
     saved = {index: {key: value.full_tensor() for key, value in tensors.items()}
-             for index, tensors in sharded_state(opt).state_dict()["state"].items()}
+             for index, tensors in sharded_state(opt).state_dict()["state_by_replica"].items()}
     run(model, opt, range(k + 1, 2 * k + 1))
     resumed, opt2 = build(mesh)
     opt2.param_groups[0]["lr"] = 1.0  # the checkpoint's hyperparameters win
@@ -203,7 +203,7 @@ def _dcp_load_resharded(rank, world_size, mesh_shape, directory):
     model = _sharded_model(mesh, dtype=torch.bfloat16)
     opt = DistLion(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD, vote_ema_beta=0.9, device_mesh=mesh)
     dcp.load({"model": model.state_dict(), "optimizer": sharded_state(opt)}, checkpoint_id=directory)
-    state = sharded_state(opt).state_dict()["state"]
+    state = sharded_state(opt).state_dict()["state_by_replica"]
     return {index: {key: value.full_tensor() for key, value in tensors.items()} for index, tensors in state.items()}
 
 
@@ -374,7 +374,7 @@ def test_exact_resume_from_per_rank_state_and_a_file_of_other_shards_is_an_error
 def test_dcp_resume_is_exact_and_another_number_of_replicas_is_an_error(two_by_two):
     for same, _, mismatch in (per_rank["dcp"] for per_rank in two_by_two):
         assert same
-        assert mismatch is not None and "Size mismatch" in mismatch
+        assert mismatch is not None and "Size mismatch" in mismatch and "state_by_replica" in mismatch
 
 
 @pytest.mark.timeout(200)

@@ -11,9 +11,6 @@ of stalling CI.
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,53 +21,31 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import transformers_job as job  # noqa: E402
+from launchers import ROOT, accelerate_command, free_port, run_bounded  # noqa: E402
 from distlion import DistLion  # noqa: E402
 from distlion.checkpoint import state_file_name  # noqa: E402
 from distlion.transformers import LOGGED_STATS, comm_logs  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "transformers_job.py"
 WORLD = 2
 LAUNCH_TIMEOUT = 240  # seconds per launch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _accelerate_command() -> list[str]:
-    """Return the ``accelerate`` of this interpreter's environment (never one from PATH)."""
-    entry_point = Path(sys.executable).with_name("accelerate")
-    if entry_point.exists():
-        return [str(entry_point), "launch"]
-    return [sys.executable, "-m", "accelerate.commands.launch"]
-
-
 def launch(launcher: str, out: Path, *job_args: str) -> None:
     """Run the job on WORLD CPU processes under ``torchrun`` or ``accelerate launch``; fail on error or timeout."""
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
                    "127.0.0.1", "--master_port", port]
     else:
-        command = [*_accelerate_command(), "--multi_gpu", "--num_machines", "1", "--num_processes", str(WORLD),
+        command = [*accelerate_command(), "--multi_gpu", "--num_machines", "1", "--num_processes", str(WORLD),
                    "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", port]
     command += [str(JOB), "--out", str(out), *job_args]
     # HF_HOME: no default_config.yaml or hub cache of this machine's user slips into the launch.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "HF_HOME": str(out / "hf_home")}
-    # A session of its own, so a timeout kills the launcher and every worker it started.
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"{launcher} did not finish within {LAUNCH_TIMEOUT} s (hang?): {' '.join(command)}")
-    assert process.returncode == 0, f"{launcher} failed ({process.returncode}):\n{stderr[-6000:]}"
+    result = run_bounded(command, env, LAUNCH_TIMEOUT)
+    assert result.returncode == 0, f"{launcher} failed ({result.returncode}):\n{result.stderr[-6000:]}"
 
 
 def results(out: Path, phase: str) -> list[dict]:
