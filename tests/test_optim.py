@@ -274,3 +274,24 @@ def test_state_loaded_after_parameters_were_replaced_is_applied_at_the_next_step
     _train(reference, reference_opt, batches[4:])
     for a, b in zip(reference.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
+
+
+def test_grad_scaler_unscale_then_clip_then_step_equals_the_unscaled_step():
+    """nanoGPT's fp16 loop: scale, backward, scaler.unscale_, clip_grad_norm_, scaler.step, scaler.update."""
+    def run(scaled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 4)
+        opt = DistLion(model.parameters(), lr=1e-2, weight_decay=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=scaled)
+        for step in range(3):
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+            scaler.scale(model(x).pow(2).mean()).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        # the momentum shows a gradient unscaled twice (or not at all); the signs alone might not
+        return [p.detach().clone() for p in model.parameters()] + [opt.state[p]["exp_avg"] for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
