@@ -219,12 +219,14 @@ def load_file(path: str, *, kind: str, map_location: Any = "cpu") -> Any:
                          "Save it again, or load a complete copy.") from error
 
 
-def fail_together(action: Callable[[], T], *, source: str, group: Any = None) -> T:
+def fail_together(action: Callable[[], T], *, source: str, group: Any = None,
+                  doing: str = "load their checkpoint from") -> T:
     """Run ``action()`` on every rank of ``group``; if it raises on any rank, raise on every rank.
 
     Call it on every rank (it makes one collective, an all_gather of a flag). The rank
     that failed raises its own error; the others raise a RuntimeError that names the
-    failed ranks and ``source``, instead of waiting for them in a later collective.
+    failed ranks, what they were ``doing`` and ``source``, instead of waiting for them in
+    a later collective.
     """
     error: Exception | None = None
     result = None
@@ -232,16 +234,16 @@ def fail_together(action: Callable[[], T], *, source: str, group: Any = None) ->
         result = action()
     except Exception as caught:  # any failure must reach the other ranks before anyone raises
         error = caught
-    failed = _failed_ranks(error is not None, group)
+    failed = failed_ranks(error is not None, group)
     if error is not None:
         raise error
     if failed:
-        raise RuntimeError(f"DistLion: rank(s) {failed} could not load their checkpoint from {source} (see "
-                           "their error); this rank stops too instead of waiting for them.")
+        raise RuntimeError(f"DistLion: rank(s) {failed} could not {doing} {source} (see their error); this "
+                           "rank stops too instead of waiting for them.")
     return result
 
 
-def _failed_ranks(failed: bool, group: Any) -> list[int]:
+def failed_ranks(failed: bool, group: Any) -> list[int]:
     """Return the ranks of ``group`` that report ``failed`` (one all_gather; no collective without a group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return [0] if failed else []

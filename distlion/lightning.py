@@ -1,0 +1,310 @@
+"""PyTorch Lightning adapter: the ``"distlion"`` strategy, DDP whose gradients stay on each rank.
+
+A Lightning script changes three lines (import this module before building the Trainer:
+it registers the strategy name)::
+
+    import distlion.lightning                                            # registers strategy="distlion"
+
+    class Model(L.LightningModule):
+        def configure_optimizers(self):
+            optimizer = DistLion(self.parameters(), lr=1e-4, weight_decay=0.1)   # was AdamW(...)
+            return {"optimizer": optimizer, "lr_scheduler": ...}
+
+    trainer = L.Trainer(strategy="distlion", accelerator="cpu", devices=2)  # was strategy="ddp"
+    trainer.fit(model, ckpt_path=...)                                      # resumes bit for bit
+
+``DistLionStrategy(...)`` takes ``DDPStrategy``'s arguments (``find_unused_parameters``,
+``static_graph``, ``start_method``, ...) and launches as DDP does (Lightning's own launcher,
+``torchrun``, SLURM). With a DistLion optimizer from ``configure_optimizers``:
+
+- Gradients stay local: DDP gets torch's ``noop_hook`` as its comm hook on every device
+  (Lightning's ``DDPStrategy(ddp_comm_hook=...)`` registers hooks on CUDA only), so each rank
+  keeps its own gradients and DistLion exchanges 1 bit per parameter instead.
+  ``accumulate_grad_batches`` votes once per optimizer step; ``gradient_clip_val`` clips each
+  rank's own gradients (the norm is per rank).
+- Checkpoints: Lightning writes ``<name>.ckpt`` from rank 0 only, and momentum differs on
+  every rank, so every rank also writes its own ``<name>.ckpt.distlion/distlion_optimizer{i}_rank{r}_of_{N}.pt``
+  (``distlion.checkpoint``); the ``.ckpt`` keeps DistLion's hyperparameters only.
+  ``fit(ckpt_path=...)`` gives each rank its own file; missing files, or files of another
+  number of processes, fail on every rank with an error that says what was found.
+  ``ModelCheckpoint(save_top_k=...)`` removes the files with their checkpoint.
+- Skips: a non-finite gradient on any rank makes every rank skip the step (DistLion's
+  agreed skip), so ``global_step`` and the LR schedulers advance alike on all ranks; under
+  "16-mixed" the GradScaler backs off on every rank. Gradients are unscaled before
+  clipping (Lightning's own mixed precision refuses to clip DistLion's gradients).
+- Logs: every training batch logs DistLion's communication figures (``LOGGED_STATS``) as
+  ``distlion/bytes_sent`` etc. through ``LightningModule.log`` (``CommMetricsCallback``;
+  ``DistLionStrategy(log_comm_stats=False)`` turns it off).
+
+With any other optimizer the strategy is ``DDPStrategy`` (DDP all-reduces) and warns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+
+try:
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.optimizer import _optimizer_to_device
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+    from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("distlion.lightning needs PyTorch Lightning 2.2 or later: pip install 'distlion[lightning]'"
+                      ) from error
+
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from distlion import checkpoint as state_files
+from distlion.optim import DistLion
+from distlion.wrappers import unwrap
+
+__all__ = ["CommMetricsCallback", "DistLionStrategy", "LOGGED_STATS", "STRATEGY_NAME", "comm_logs", "state_directory"]
+
+logger = logging.getLogger(__name__)
+
+STRATEGY_NAME = "distlion"
+# comm_stats fields logged on every training batch, as "distlion/<field>".
+LOGGED_STATS = ("steps", "skipped_steps", "bytes_sent", "bytes_sent_per_step", "allreduce_fp32_bytes", "compression")
+STATE_SUFFIX = ".distlion"  # <checkpoint>.ckpt.distlion/: every rank's DistLion state for that checkpoint
+# What load_state's errors tell the user (distlion.checkpoint.load_state fills in the saved world size).
+_FIX = ("relaunch with {world_size} processes in all (Trainer(devices=..., num_nodes=...)), or load the model weights "
+        "only (LightningModule.load_from_checkpoint) and fit without ckpt_path")
+_MISSING = ("The checkpoint was saved without DistLion's per-rank optimizer files (by another strategy than "
+            "\"distlion\", or with save_weights_only=True): resume from a checkpoint saved with strategy=\"distlion\", "
+            "or load the model weights only (LightningModule.load_from_checkpoint) and fit without ckpt_path.")
+_DDP_HOOK_ARGS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+
+
+def comm_logs(optimizer: Any, prefix: str = "distlion/") -> dict[str, float]:
+    """Return the ``LOGGED_STATS`` of ``optimizer``'s ``comm_stats`` (DistLion or a wrapper of one), named for logs."""
+    inner = _distlion(optimizer)
+    if inner is None:
+        raise TypeError(f"comm_logs needs a DistLion optimizer (or a wrapper of one); got {type(optimizer).__name__}")
+    stats = inner.comm_stats.as_dict()
+    return {f"{prefix}{key}": stats[key] for key in LOGGED_STATS}
+
+
+def state_directory(checkpoint_path: Any) -> str:
+    """Return the directory that holds every rank's DistLion state for the Lightning checkpoint ``checkpoint_path``.
+
+    A symlink (``ModelCheckpoint(save_last="link")``) is followed to the checkpoint it names.
+    """
+    return os.path.realpath(os.fspath(checkpoint_path)) + STATE_SUFFIX
+
+
+class CommMetricsCallback(Callback):
+    """Log DistLion's communication figures on every training batch (``distlion/bytes_sent`` etc.).
+
+    ``DistLionStrategy`` adds one to the Trainer; with another strategy add it yourself:
+    ``Trainer(callbacks=[CommMetricsCallback()])``. Values are float64 tensors (exact byte
+    counts), logged on step only, without a cross-rank reduction (every rank has the same).
+    """
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        metrics: dict[str, torch.Tensor] = {}
+        for index, optimizer in enumerate(_distlions(trainer.strategy.optimizers)):
+            prefix = "distlion/" if index == 0 else f"distlion{index}/"
+            metrics.update({name: torch.tensor(float(value), dtype=torch.float64)
+                            for name, value in comm_logs(optimizer, prefix).items()})
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+
+class DistLionStrategy(DDPStrategy):
+    """``DDPStrategy`` for DistLion: local gradients, per-rank optimizer state files; see the module's docstring.
+
+    Args:
+        log_comm_stats: add a ``CommMetricsCallback`` to the Trainer (once).
+        **kwargs: ``DDPStrategy``'s arguments, except its comm hooks and model averaging,
+            which DistLion replaces.
+
+    Example::
+
+        trainer = L.Trainer(strategy=DistLionStrategy(static_graph=True), accelerator="gpu", devices=8)
+    """
+
+    strategy_name = STRATEGY_NAME
+
+    def __init__(self, *args: Any, log_comm_stats: bool = True, **kwargs: Any) -> None:
+        given = [name for name in _DDP_HOOK_ARGS if kwargs.get(name) is not None]
+        if given:
+            raise ValueError(f"DistLionStrategy replaces DDP's gradient communication: remove {', '.join(given)} "
+                             "(DistLion exchanges 1-bit signs; DDP hands each rank back its own gradients).")
+        super().__init__(*args, **kwargs)
+        self.log_comm_stats = log_comm_stats
+        self._resume_path: str | None = None
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if STRATEGY_NAME not in strategy_registry:
+            strategy_registry.register(STRATEGY_NAME, cls, description="DDP with DistLion's 1-bit vote instead of "
+                                       "the gradient all-reduce (distlion.lightning)")
+
+    # ------------------------------------------------------------------ local gradients
+
+    def _register_ddp_hooks(self) -> None:
+        """DistLion's hook goes on in ``setup``, once the optimizers are known."""
+
+    def setup(self, trainer: "pl.Trainer") -> None:
+        plugin = self.precision_plugin
+        if type(plugin) is MixedPrecision:  # Lightning's own refuses to clip DistLion's gradients
+            self.precision_plugin = _DistLionMixedPrecision(plugin.precision, plugin.device, plugin.scaler)
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        distlions = _distlions(self.optimizers)
+        if not distlions:
+            logger.warning("strategy=\"distlion\" without a DistLion optimizer: DDP all-reduces the gradients as "
+                           "DDPStrategy does. Return DistLion(self.parameters(), ...) from configure_optimizers.")
+            return
+        for optimizer in distlions:
+            if optimizer.world_size == 1 and self.world_size > 1:
+                raise ValueError(f"DistLion was built with world size 1 but this job has {self.world_size} "
+                                 "processes: it was created before torch.distributed was initialised. Build it in "
+                                 "configure_optimizers, not in the LightningModule's __init__.")
+        assert isinstance(self.model, DistributedDataParallel)
+        self._stop_allreduce(self.model, distlions)
+        if self.log_comm_stats and not any(isinstance(cb, CommMetricsCallback) for cb in trainer.callbacks):
+            trainer.callbacks.insert(0, CommMetricsCallback())  # before ModelCheckpoint, which Lightning puts last
+
+    def _stop_allreduce(self, model: DistributedDataParallel, distlions: list[DistLion]) -> None:
+        try:
+            model.register_comm_hook(None, noop_hook)  # hands DDP back each rank's own gradients
+        except RuntimeError as error:  # DDP allows one comm hook per model
+            raise RuntimeError(f"DistLion cannot stop DDP's gradient all-reduce: the model already has a comm hook "
+                               f"({error}).") from error
+        owned = {id(p) for optimizer in distlions for group in optimizer.param_groups for p in group["params"]}
+        foreign = [name for name, p in model.module.named_parameters() if p.requires_grad and id(p) not in owned]
+        if foreign:
+            logger.warning("DDP no longer all-reduces gradients, but %d trainable parameter(s) are not in a DistLion "
+                           "optimizer (e.g. %s): their gradients stay local to each rank.", len(foreign), foreign[0])
+
+    # ------------------------------------------------------------------ skips
+
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        inner = _distlion(optimizer)
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if inner is None or scaler is None or not scaler.is_enabled():
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        skipped_before, scale_before = inner.comm_stats.skipped_steps, scaler.get_scale()
+        result = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if inner.comm_stats.skipped_steps > skipped_before:
+            # GradScaler.update() saw this rank's inf only; back off as if every rank had one.
+            scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 0,
+                                    "scale": scale_before * scaler.get_backoff_factor()})
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Every rank writes its own DistLion state beside ``filepath``; then rank 0 writes Lightning's file."""
+        states = checkpoint.get("optimizer_states")
+        distlions = [(index, _distlion(opt)) for index, opt in enumerate(self.optimizers) if _distlion(opt) is not None]
+        if states is not None and distlions:
+            path = os.fspath(filepath)
+            if "://" in path:
+                raise ValueError(f"DistLion writes every rank's optimizer state beside the checkpoint, in a directory "
+                                 f"of the local (or a mounted, shared) file system; {path} is not one. Give "
+                                 "ModelCheckpoint a local dirpath.")
+            directory = state_directory(path)
+
+            def write() -> None:
+                for number, (_, optimizer) in enumerate(distlions):
+                    state_files.save_state(optimizer.state_dict(), directory, optimizer, number)
+
+            state_files.fail_together(write, source=directory, doing="save DistLion's optimizer state to")
+            states = list(states)
+            for index, optimizer in distlions:  # the .ckpt keeps the hyperparameters; momentum is in the files
+                states[index] = {"state": {}, "param_groups": optimizer.state_dict()["param_groups"],
+                                 "distlion_state_files": os.path.basename(directory)}
+            checkpoint = {**checkpoint, "optimizer_states": states}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove this rank's DistLion files with the checkpoint (``ModelCheckpoint(save_top_k=...)``)."""
+        super().remove_checkpoint(filepath)
+        directory = state_directory(filepath)
+        for number, optimizer in enumerate(_distlions(self.optimizers)):
+            path = os.path.join(directory, state_files.state_file_name(optimizer.rank, optimizer.world_size, number))
+            if os.path.isfile(path):
+                os.remove(path)
+        try:
+            os.rmdir(directory)  # the last rank to get here removes it
+        except OSError:
+            pass
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self._resume_path = os.fspath(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        """Give each rank its own DistLion state (every rank raises if any rank cannot), the others Lightning's."""
+        if not _distlions(self.optimizers):
+            return super().load_optimizer_state_dict(checkpoint)
+        directory = state_directory(self._resume_path) if self._resume_path else "(no checkpoint path)"
+
+        def load() -> None:
+            number = 0
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+                inner = _distlion(optimizer)
+                if inner is None:  # another optimizer beside DistLion: Lightning's way
+                    optimizer.load_state_dict(state)
+                    _optimizer_to_device(optimizer, self.root_device)
+                    continue
+                inner.load_state_dict(state_files.load_state(directory, inner, number, fix=_FIX, missing=_MISSING))
+                number += 1
+
+        state_files.fail_together(load, source=directory)
+
+
+def _distlion(optimizer: Any) -> DistLion | None:
+    """The DistLion that ``optimizer`` is or wraps; a LightningOptimizer's own (its ``__dict__`` is a copy)."""
+    if isinstance(optimizer, LightningOptimizer):
+        optimizer = optimizer._optimizer
+    return unwrap(optimizer)
+
+
+def _distlions(optimizers: Any) -> list[DistLion]:
+    return [inner for inner in map(_distlion, optimizers) if inner is not None]
+
+
+class _DistLionMixedPrecision(MixedPrecision):
+    """``MixedPrecision`` that clips DistLion's gradients; under "16-mixed" it unscales them first.
+
+    DistLion takes GradScaler's ``grad_scale``/``found_inf`` in ``step()``
+    (``_step_supports_amp_scaling``), which Lightning reads as "a fused optimizer: cannot
+    clip" (under "bf16-mixed" too). Here the gradients are unscaled before
+    ``on_before_optimizer_step`` and clipping, as for other optimizers; DistLion then gets
+    ``found_inf`` alone, and the skip stays agreed by all ranks.
+    """
+
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        if self.scaler is None or _distlion(optimizer) is None:
+            return super().optimizer_step(optimizer, model, closure, **kwargs)
+        closure()
+        self.scaler.unscale_(optimizer)
+        self._after_closure(model, optimizer)
+        # Every rank steps, even one whose training_step returned None (its gradients count as zero):
+        # DistLion's step is a collective.
+        step_output = self.scaler.step(optimizer, **kwargs)
+        self.scaler.update()
+        return step_output
+
+    def clip_gradients(self, optimizer: Any, clip_val: Any = 0.0,
+                       gradient_clip_algorithm: Any = GradClipAlgorithmType.NORM) -> Any:
+        if _distlion(optimizer) is None:
+            return super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+        return Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)  # gradients are unscaled
+
+
+DistLionStrategy.register_strategies(StrategyRegistry)
