@@ -64,6 +64,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hoo
 from torch.nn.parallel import DistributedDataParallel
 
 from distlion import checkpoint as state_files
+from distlion.comm import CommStats
 from distlion.optim import DistLion
 from distlion.wrappers import unwrap
 
@@ -73,7 +74,7 @@ logger = logging.getLogger(__name__)
 
 STRATEGY_NAME = "distlion"
 # comm_stats fields logged on every training batch, as "distlion/<field>".
-LOGGED_STATS = ("steps", "skipped_steps", "bytes_sent", "bytes_sent_per_step", "allreduce_fp32_bytes", "compression")
+LOGGED_STATS = CommStats.LOGGED
 STATE_SUFFIX = ".distlion"  # <checkpoint>.ckpt.distlion/: every rank's DistLion state for that checkpoint
 # What load_state's errors tell the user (distlion.checkpoint.load_state fills in the saved world size).
 _FIX = ("relaunch with {world_size} processes in all (Trainer(devices=..., num_nodes=...)), or load the model weights "
@@ -89,8 +90,7 @@ def comm_logs(optimizer: Any, prefix: str = "distlion/") -> dict[str, float]:
     inner = _distlion(optimizer)
     if inner is None:
         raise TypeError(f"comm_logs needs a DistLion optimizer (or a wrapper of one); got {type(optimizer).__name__}")
-    stats = inner.comm_stats.as_dict()
-    return {f"{prefix}{key}": stats[key] for key in LOGGED_STATS}
+    return inner.comm_stats.logged(prefix)
 
 
 def state_directory(checkpoint_path: Any) -> str:

@@ -50,13 +50,14 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 import distlion.accelerate
 from distlion import checkpoint
+from distlion.comm import CommStats
 from distlion.optim import DistLion
 from distlion.wrappers import unwrap
 
 __all__ = ["DistLionMixin", "DistLionTrainer", "LOGGED_STATS", "comm_logs"]
 
 # comm_stats fields added to every entry Trainer logs, as "distlion/<field>".
-LOGGED_STATS = ("steps", "skipped_steps", "bytes_sent", "bytes_sent_per_step", "allreduce_fp32_bytes", "compression")
+LOGGED_STATS = CommStats.LOGGED
 # What load_state's errors tell the user (distlion.checkpoint.load_state fills in the saved world size).
 _FIX = ("relaunch with {world_size} processes in all (torchrun --nproc_per_node, accelerate launch --num_processes), "
         "or load the model weights only (from_pretrained(checkpoint)) and train without resume_from_checkpoint")
@@ -70,8 +71,7 @@ def comm_logs(optimizer: Any, prefix: str = "distlion/") -> dict[str, float]:
     inner = unwrap(optimizer)
     if inner is None:
         raise TypeError(f"comm_logs needs a DistLion optimizer (or a wrapper of one); got {type(optimizer).__name__}")
-    stats = inner.comm_stats.as_dict()
-    return {f"{prefix}{key}": stats[key] for key in LOGGED_STATS}
+    return inner.comm_stats.logged(prefix)
 
 
 class DistLionMixin:

@@ -48,6 +48,8 @@ class CommStats:
     ranks_per_node: int = 1
     gradients_already_averaged: bool = False
 
+    # The figures a training log carries (the adapters' comm_logs).
+    LOGGED = ("steps", "skipped_steps", "bytes_sent", "bytes_sent_per_step", "allreduce_fp32_bytes", "compression")
     COUNTERS = ("steps", "skipped_steps", "bytes_sent", "bytes_received", "inter_node_bytes_sent",
                 "inter_node_bytes_received", "intra_node_bytes_sent", "intra_node_bytes_received",
                 "allreduce_fp32_bytes")
@@ -98,6 +100,11 @@ class CommStats:
         return {**asdict(self), "allreduce_fp32_node_bytes": self.allreduce_fp32_node_bytes,
                 "bytes_sent_per_step": self.bytes_sent_per_step,
                 "inter_node_bytes_per_step": self.inter_node_bytes_per_step, "compression": self.compression}
+
+    def logged(self, prefix: str = "distlion/") -> dict[str, float]:
+        """The ``LOGGED`` figures, named ``prefix + field``, for a training log."""
+        stats = self.as_dict()
+        return {f"{prefix}{key}": stats[key] for key in self.LOGGED}
 
     def load(self, saved: dict) -> None:
         """Restore the counters of ``as_dict()`` (a missing one is zero)."""
