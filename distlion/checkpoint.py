@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import torch
 import torch.distributed as dist
 
-from distlion.comm.flat import flag_device
+from distlion.comm.flat import flag_device, wait_for
 from distlion.optim import DistLion
 
 STATE_FILE = "distlion_optimizer{index}_rank{rank}_of_{world_size}.pt"
@@ -250,5 +250,6 @@ def failed_ranks(failed: bool, group: Any) -> list[int]:
     device = flag_device(group)
     flag = torch.tensor([int(failed)], device=device)
     flags = [torch.empty_like(flag) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(flags, flag, group=group)
+    wait_for(dist.all_gather(flags, flag, group=group, async_op=True), "the exchange of the ranks' checkpoint "
+             "outcomes", None)
     return [rank for rank, value in enumerate(flags) if value.item()]

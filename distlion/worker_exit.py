@@ -1,17 +1,21 @@
 """End a worker process once its work is done and its results are written.
 
-A gloo process group can outlive ``destroy_process_group()``. torch keeps a reference
-to the group when ``torch._dynamo`` is first imported after the group exists (building
-any ``torch.optim`` optimizer imports it, and DDP does), and Accelerate's optimizer
-wrappers keep theirs in reference cycles. The group's worker threads (``pt_gloo_runloop``,
-``gloo_tcp_loop``) then are still running when the interpreter shuts down, and that
-teardown now and then aborts a run that finished well: "terminate called without an
-active exception", exit status -6, so the launcher reports a failure.
+A finished job no longer needs this: a script that returns normally exits 0. The abort it
+was written against ("terminate called without an active exception", exit status -6, now
+and then after a run that finished well) came from gloo's worker thread (``pt_gloo_runloop``)
+freeing the last finished work of the job after the interpreter had begun its teardown:
+the work's tensors have Python objects, giving one back takes the GIL, and CPython ends a
+thread that asks for the GIL during the teardown with ``pthread_exit`` inside a noexcept
+destructor. DistLion's collectives keep their handles, so that thread never frees one
+(distlion/comm/flat.py); ``python -m benchmarks.clean_exit`` counts exit codes of real launches.
+The process group outliving ``destroy_process_group()`` (torch keeps references to it once
+``torch._dynamo`` is imported) leaves its threads running, which is harmless by itself.
 
-``exit_worker`` destroys the group if it is still up, flushes the output, and ends the
-process without the interpreter's teardown. Call it last, from a script's entry point,
-and only after a success: on an error let the exception propagate, so the traceback
-and the exit status reach the launcher as usual.
+``exit_worker`` remains for scripts whose own last collectives (not DistLion's) could meet
+the same race, and for ending a worker without the interpreter's teardown: it destroys the
+group if it is still up, flushes the output, and ends the process with ``os._exit``. Call it
+last, from a script's entry point, and only after a success: on an error let the exception
+propagate, so the traceback and the exit status reach the launcher as usual.
 """
 
 from __future__ import annotations
