@@ -67,7 +67,7 @@ from distlion.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
 
-_UNSUPPORTED_TYPES = ("DEEPSPEED", "MEGATRON_LM", "XLA")
+_UNSUPPORTED_TYPES = ("MEGATRON_LM", "XLA")
 DCP_DIRECTORY = "distlion_optimizer{index}_dcp"  # an FSDP2 job's DistLion state, in DCP's format
 _FSDP2_RECIPE = ("shard the model over each node's ranks yourself before prepare and build DistLion with the mesh: "
                  "mesh = init_device_mesh(device, (M, G), mesh_dim_names=('replicate', 'shard')); fully_shard(module, "
@@ -102,6 +102,10 @@ def prepare(accelerator: Any, *objects: Any, device_placement: list[bool] | None
 
         model, optimizer, loader = distlion.accelerate.prepare(accelerator, model, optimizer, loader)
     """
+    if _kind(accelerator) == "DEEPSPEED":
+        # The engine keeps gradients local and checkpoints every rank's state (distlion.deepspeed).
+        import distlion.deepspeed  # noqa: F401  registers "DistLion" with deepspeed.initialize, which Accelerate calls
+        return accelerator.prepare(*objects, device_placement=device_placement)
     new_distlions = [obj for obj in objects if unwrap(obj) is not None]
     adapter = _ADAPTERS.get(accelerator)
     if not new_distlions and adapter is None:
@@ -322,12 +326,15 @@ def _dcp_load(optimizer: DistLion, directory: str) -> None:
     dcp.load({"optimizer": sharded_state(optimizer)}, checkpoint_id=directory)
 
 
+def _kind(accelerator: Any) -> str:
+    return str(getattr(accelerator.distributed_type, "name", accelerator.distributed_type))
+
+
 def _check_supported(accelerator: Any, optimizer: DistLion) -> None:
-    kind = str(getattr(accelerator.distributed_type, "name", accelerator.distributed_type))
+    kind = _kind(accelerator)
     if kind in _UNSUPPORTED_TYPES:
-        raise ValueError(f"distlion.accelerate.prepare supports data parallelism (DDP) and FSDP2; this Accelerator "
-                         f"uses {kind}. Use DistLion with plain DDP, or distlion.deepspeed for DeepSpeed (ZeRO stage "
-                         f"0-2).")
+        raise ValueError(f"distlion.accelerate.prepare supports data parallelism (DDP), FSDP2 and DeepSpeed (ZeRO "
+                         f"stage 0-2); this Accelerator uses {kind}. Use DistLion with one of those.")
     if kind == "FSDP":
         if not getattr(accelerator, "is_fsdp2", False):
             raise ValueError("distlion.accelerate.prepare supports Accelerate's FSDP2 (fsdp_version: 2), not FSDP1: "

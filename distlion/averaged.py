@@ -28,9 +28,10 @@ WARNING = (
     "non-zero: the gradients were averaged across ranks before DistLion saw them (or every rank trains on the "
     "same batch). The fp32 all-reduce still runs, so DistLion saves nothing. Fix: torchrun: do not wrap the "
     "model in DistributedDataParallel (DistLion keeps replicas identical); Accelerate: call "
-    "distlion.accelerate.prepare instead of accelerator.prepare; DeepSpeed: use distlion.deepspeed.initialize; "
-    "the Hugging Face Trainer wraps the model in DDP and has no DistLion path. Give each rank its own data "
-    "(DistributedSampler). comm_stats.gradients_already_averaged is now True.")
+    "distlion.accelerate.prepare instead of accelerator.prepare; DeepSpeed (also through Accelerate or Trainer): "
+    "import distlion.deepspeed before the engine is built; Hugging Face Trainer: use "
+    "distlion.transformers.DistLionTrainer. Give each rank its own data (DistributedSampler). "
+    "comm_stats.gradients_already_averaged is now True.")
 
 
 class AveragedGradientsCheck:

@@ -1,17 +1,27 @@
 """DeepSpeed adapter: ``"type": "DistLion"`` in a DeepSpeed config, per-rank optimizer checkpoints.
 
-DeepSpeed has no registry of optimizer types, so call ``distlion.deepspeed.initialize``
-where you would call ``deepspeed.initialize`` (same arguments, same return value)::
+DeepSpeed has no registry of optimizer types. Importing this module registers DistLion
+by putting ``distlion.deepspeed.initialize`` in place of ``deepspeed.initialize`` (same
+arguments, same return value; configs without DistLion go to DeepSpeed's own unchanged),
+so every caller that looks up ``deepspeed.initialize`` when it runs, Accelerate's
+DeepSpeed plugin and so the Hugging Face Trainer's ``deepspeed=`` included, accepts the
+entry::
 
     # ds_config.json: "optimizer": {"type": "DistLion", "params": {"lr": 1e-4, "betas": [0.9, 0.99],
     #                                "weight_decay": 0.1, "vote": "majority"}}
-    from distlion.deepspeed import initialize
-    engine, optimizer, _, _ = initialize(model=model, model_parameters=model.parameters(),
-                                         config="ds_config.json")
+    import deepspeed
+    import distlion.deepspeed  # registers "DistLion"
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                   config="ds_config.json")
     loss = engine(batch); engine.backward(loss); engine.step()
     engine.save_checkpoint("ckpt")          # every rank also writes its own DistLion state
 
 Launch with ``deepspeed --num_gpus N train.py`` or ``torchrun --nproc_per_node N train.py``.
+A name bound before the import (``from deepspeed import initialize``) still refers to
+DeepSpeed's own, which refuses the entry ("DistLion is not a supported DeepSpeed
+Optimizer"): call ``distlion.deepspeed.initialize`` there. DistLion is deliberately not
+put in ``torch.optim``, where DeepSpeed's fallback would find it and build an engine that
+still all-reduces every gradient.
 
 When the engine's optimizer is DistLion (built from the config entry, or a DistLion
 instance passed as ``optimizer=``), ``initialize`` also:
@@ -54,7 +64,7 @@ own state instead, inside each node (``ranks_per_node``; distlion/optim.py):
 - stage 3 is refused: it partitions the parameters, and DistLion updates full replicas.
   The sharded-parameter route in PyTorch is FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-Configs with any other optimizer go to ``deepspeed.initialize`` unchanged.
+Configs with any other optimizer go to DeepSpeed's own ``initialize`` unchanged.
 """
 
 from __future__ import annotations
@@ -80,6 +90,9 @@ from distlion.topology import check_ranks_per_node
 from distlion.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
+
+# DeepSpeed's own initialize, kept when this module registers its own in its place (a reload finds ours there).
+_deepspeed_initialize = getattr(deepspeed.initialize, "deepspeed_initialize", deepspeed.initialize)
 
 OPTIMIZER_TYPE = "DistLion"
 # What a "DistLion" entry's params may set: DistLion's keyword arguments that JSON can hold.
@@ -153,7 +166,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     if rewritten:
         forwarded.update(config=ds_config, config_params=None)
     with _config_taken_from(args if rewritten and from_args else None):
-        engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(**forwarded)
+        engine, ds_optimizer, dataloader, scheduler = _deepspeed_initialize(**forwarded)
     distlion = getattr(engine, "basic_optimizer", None)
     if isinstance(distlion, DistLion):  # also when a callable of the caller's built it
         if _zero_stage(ds_config) > 0:
@@ -173,6 +186,15 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
                            "state. Set \"ranks_per_node\" in the DistLion entry to shard it within a node.",
                            requested_stage)
     return engine, ds_optimizer, dataloader, scheduler
+
+
+def register() -> None:
+    """Put ``initialize`` in place of ``deepspeed.initialize``; done once when this module is imported."""
+    initialize.deepspeed_initialize = _deepspeed_initialize
+    deepspeed.initialize = initialize
+
+
+register()
 
 
 def load_config(config: Any) -> dict:

@@ -80,21 +80,35 @@ class DistLionMixin:
     Every method falls through to Trainer's when the optimizer is not a DistLion.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._given_distlion = self.distlion_optimizer()  # from optimizers=(DistLion(...), None)
+
     def distlion_optimizer(self) -> DistLion | None:
-        """Return the DistLion this Trainer steps (inside Accelerate's wrapper), or None."""
+        """Return the DistLion this Trainer steps (inside Accelerate's or DeepSpeed's wrappers), or None."""
         return unwrap(getattr(self, "optimizer", None))
 
     # ------------------------------------------------------------------ local gradients
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        _route_prepare(self.accelerator)
+        if self.is_deepspeed_enabled:
+            # The engine keeps gradients local and saves every rank's state (distlion.deepspeed).
+            import distlion.deepspeed  # noqa: F401  registers "DistLion" with deepspeed.initialize
+        else:
+            _route_prepare(self.accelerator)
+
+    def create_optimizer(self) -> Any:
+        # Under deepspeed=, Trainer forgets the optimizer it was given and would build AdamW in its place.
+        if self.optimizer is None and self._given_distlion is not None:
+            self.optimizer = self._given_distlion
+        return super().create_optimizer()
 
     # ------------------------------------------------------------------ checkpoints
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         optimizer = self.distlion_optimizer()
-        if optimizer is None:
+        if optimizer is None or self.is_deepspeed_enabled:  # the engine's save_checkpoint saves every rank's
             return super()._save_optimizer_and_scheduler(output_dir)
         checkpoint.save_state(optimizer.state_dict(), output_dir, optimizer)  # every rank its own file
         if self.args.should_save:
@@ -102,7 +116,7 @@ class DistLionMixin:
 
     def _load_optimizer_and_scheduler(self, resume_from: str | None) -> None:
         optimizer = self.distlion_optimizer()
-        if optimizer is None or resume_from is None:
+        if optimizer is None or resume_from is None or self.is_deepspeed_enabled:  # the engine loaded every rank's
             return super()._load_optimizer_and_scheduler(resume_from)
 
         def load() -> None:

@@ -318,3 +318,43 @@ def test_fsdp_plugin_without_a_presharded_model_is_an_error(is_fsdp2, expected):
     with pytest.raises(ValueError, match=expected) as error:
         _check_supported(accelerator, optimizer)
     assert "device_mesh=mesh" in str(error.value)
+
+
+DEEPSPEED_CONFIGS = {  # accelerate_deepspeed_job.py's two ways in
+    "entry": {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 1},
+              "optimizer": {"type": "DistLion", "params": {"lr": "auto", "betas": [0.9, 0.99],
+                                                           "weight_decay": "auto"}}},
+    "client": {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+               "zero_optimization": {"stage": 0}},
+}
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
+@pytest.mark.parametrize("way_in", sorted(DEEPSPEED_CONFIGS))
+def test_deepspeed_plugin_votes_on_local_gradients_and_resumes_bitwise(tmp_path, way_in):
+    """``accelerate launch --use_deepspeed``: a "DistLion" config entry (with DummyOptim) or a DistLion instance
+    reaches DistLion with gradients left local; save_state / load_state keep every rank's state."""
+    config = tmp_path / "ds_config.json"
+    config.write_text(json.dumps(DEEPSPEED_CONFIGS[way_in]))
+    # launch/accelerate/deepspeed_2x8gpu.yaml's settings on one machine, with this test's DeepSpeed config
+    layout = ["--config_file", str(ROOT / "launch" / "accelerate" / "deepspeed_2x8gpu.yaml"), "--num_machines", "1",
+              "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--deepspeed_config_file", str(config)]
+    # Accelerate falls back to DDP under ACCELERATE_USE_CPU; the job names gloo itself instead.
+    result = run_bounded([*accelerate_command(), *layout, "--num_processes", str(WORLD), "--main_process_port",
+                          str(free_port()), str(ROOT / "tests" / "accelerate_deepspeed_job.py"), "--optimizer",
+                          way_in, "--out", str(tmp_path)],
+                         {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}, LAUNCH_TIMEOUT)
+    assert result.returncode == 0, f"launch failed ({result.returncode}):\n{result.stderr[-6000:]}"
+    ranks = [torch.load(tmp_path / f"{way_in}_rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    for record in ranks:
+        assert record["is_distlion"] and record["engine_allreduce"] is False and record["world_size"] == WORLD
+        assert record["grads_differ"] == [True] * 6, "DistLion's gradients were all-reduced"
+        assert record["params_same"] == [True] * 6
+        assert record["comm"]["steps"] == 6
+        assert record["comm"]["bytes_sent"] == 6 * bytes_per_step(record["numel"], WORLD)
+        assert [state_file_name(r, WORLD) for r in range(WORLD)] == [f for f in record["files"]
+                                                                    if f.startswith("distlion_")]
+        # load_state after step 3 in fresh objects, steps 4-6 again: bitwise the same parameters
+        assert all(torch.equal(a, b) for a, b in zip(record["params"], record["resumed_params"]))
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))

@@ -219,6 +219,23 @@ def test_zero_stage_3_and_offload_are_refused_without_a_process_group(zero, refu
 
 
 @pytest.mark.timeout(60)
+def test_import_registers_distlion_with_deepspeed_initialize():
+    """Callers of deepspeed.initialize (Accelerate, Trainer) reach distlion's; a reload keeps DeepSpeed's own."""
+    import importlib
+
+    import deepspeed
+
+    import distlion.deepspeed
+    assert deepspeed.initialize is initialize
+    own = distlion.deepspeed._deepspeed_initialize
+    assert own.__module__.startswith("deepspeed") and own is not initialize
+    reloaded = importlib.reload(distlion.deepspeed)
+    try:
+        assert deepspeed.initialize is reloaded.initialize and reloaded._deepspeed_initialize is own
+    finally:
+        deepspeed.initialize = initialize  # this module's names stay the ones the other tests imported
+
+
 def test_zero_stages_run_deepspeed_at_stage_0():
     config = {**job.ds_config("bf16"), "zero_optimization": {"stage": 2, "overlap_comm": True}}
     assert _at_stage_zero(config) == {**config, "zero_optimization": {"stage": 0}}

@@ -31,7 +31,7 @@ WORLD = 2
 LAUNCH_TIMEOUT = 240  # seconds per launch
 
 
-def launch(launcher: str, out: Path, *job_args: str) -> None:
+def launch(launcher: str, out: Path, *job_args: str, env: dict[str, str] | None = None) -> None:
     """Run the job on WORLD CPU processes under ``torchrun`` or ``accelerate launch``; fail on error or timeout."""
     port = str(free_port())
     if launcher == "torchrun":
@@ -43,7 +43,7 @@ def launch(launcher: str, out: Path, *job_args: str) -> None:
     command += [str(JOB), "--out", str(out), *job_args]
     # HF_HOME: no default_config.yaml or hub cache of this machine's user slips into the launch.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(out / "hf_home")}
+           "HF_HOME": str(out / "hf_home"), **(env or {})}
     result = run_bounded(command, env, LAUNCH_TIMEOUT)
     assert result.returncode == 0, f"{launcher} failed ({result.returncode}):\n{result.stderr[-6000:]}"
 
@@ -208,3 +208,33 @@ def test_comm_logs_names_distlion_figures():
     assert logs["distlion/steps"] == 0 and logs["distlion/bytes_sent"] == 0
     with pytest.raises(TypeError, match="needs a DistLion optimizer"):
         comm_logs(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory) -> list[dict]:
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("transformers_deepspeed")
+    # No ACCELERATE_USE_CPU: Accelerate would fall back to DDP; the job names gloo (ddp_backend) instead.
+    launch("torchrun", out, "--phase", "deepspeed", env={"ACCELERATE_USE_CPU": "false"})
+    return results(out, "deepspeed")
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
+@pytest.mark.parametrize("way_in", ["entry", "client"])
+def test_deepspeed_config_reaches_distlion_with_local_gradients_and_resumes_bitwise(deepspeed_runs, way_in):
+    """Trainer(deepspeed=...): "type": "DistLion" in the config, or optimizers=(DistLion(...), None), which
+    Trainer's DeepSpeed setup would otherwise replace by AdamW."""
+    for record in deepspeed_runs:
+        train, resume = record[way_in]["train"], record[way_in]["resume"]
+        assert train["allreduce"] is False and resume["allreduce"] is False
+        assert train["grads_same"] == [False] * job.STEPS, "DistLion's gradients were all-reduced"
+        assert resume["grads_same"] == [False] * (job.STEPS - job.SAVE_AT)
+        assert all(step["params_same"] for step in train["steps"] + resume["steps"])
+        assert train["comm"]["steps"] == job.STEPS
+        assert train["comm"]["bytes_sent"] == job.STEPS * bytes_per_step(train["numel"], WORLD)
+        assert [state_file_name(r, WORLD) for r in range(WORLD)] == [
+            name for name in record[way_in]["saved"] if name.startswith("distlion_")]
+        assert all(torch.equal(a, b) for a, b in zip(train["params"], resume["params"]))  # bitwise resume
+        assert train["log_history"][0]["distlion/bytes_sent_per_step"] == bytes_per_step(train["numel"], WORLD)
+    assert all(torch.equal(a, b) for a, b in zip(deepspeed_runs[0][way_in]["train"]["params"],
+                                                 deepspeed_runs[1][way_in]["train"]["params"]))

@@ -12,6 +12,9 @@ README shows (``DistLionTrainer`` and ``optimizers=(DistLion(...), None)``); the
             and 2 steps with AdamW (DistLionTrainer is then Trainer)
     resume  resume_from_checkpoint from checkpoints that must fail (--bad-ckpt, each on
             every rank), then from --ckpt (checkpoint-SAVE_AT of a train run) to STEPS
+    deepspeed  Trainer(deepspeed=config), fp32, ZeRO stage 1: DistLion named in the config, then
+            given as optimizers=(DistLion(...), None); each trains to STEPS and resumes from
+            checkpoint-SAVE_AT in a fresh Trainer
 
 Run by hand from the repository root, e.g.::
 
@@ -30,6 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
+from accelerate.state import AcceleratorState, PartialState  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments  # noqa: E402
 
 from distlion import DistLion, unwrap  # noqa: E402
@@ -169,15 +174,70 @@ def resume_phase(out: str, ckpt: str, bad_ckpts: list[str]) -> dict:
     return {**final_facts(trainer, recorder), "errors": errors}
 
 
+DEEPSPEED_CONFIGS = {  # deepspeed=: DistLion named in the config, or given as optimizers=(DistLion(...), None)
+    "entry": {"optimizer": {"type": "DistLion", "params": {"lr": "auto", "betas": "auto", "weight_decay": "auto"}}},
+    "client": {},
+}
+
+
+def deepspeed_phase(out: str) -> dict:
+    """Trainer(deepspeed=...) both ways in: train to STEPS, then resume from checkpoint-SAVE_AT in a fresh Trainer."""
+    result = {}
+    grads_same: list[bool] = []  # per DistLion step: were the gradients it votes on equal on every rank?
+
+    def record_gradients(optimizer, args, kwargs) -> None:  # the engine steps inside Trainer's backward
+        if isinstance(optimizer, DistLion):
+            grads_same.append(same_on_all_ranks([p.grad for group in optimizer.param_groups
+                                                 for p in group["params"] if p.grad is not None]))
+
+    register_optimizer_step_pre_hook(record_gradients)
+    # Without a GPU, Trainer's DeepSpeed setup names no backend and Accelerate counts 1 process (every rank would
+    # get the same batches): set the state up with gloo first, and have Trainer use it.
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    for way_in, optimizer_entry in DEEPSPEED_CONFIGS.items():
+        config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                  "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 1},
+                  **optimizer_entry}
+        runs = {}
+        for run, resume in (("train", None), ("resume", os.path.join(out, f"ds_{way_in}_train", f"checkpoint-{SAVE_AT}"))):
+            AcceleratorState._reset_state()  # keeps the PartialState: a fresh Trainer may set up its DeepSpeed plugin
+            args = make_args(os.path.join(out, f"ds_{way_in}_{run}"), deepspeed=config, use_cpu=False, bf16=False,
+                             accelerator_config={"use_configured_state": True}, weight_decay=0.1, save_strategy="steps" if resume is None else "no")
+            model = make_model()
+            optimizers = (None, None)
+            if way_in == "client":
+                optimizers = (DistLion(model.parameters(), lr=LR, weight_decay=0.1), None)
+            recorder = Recorder()
+            trainer = DistLionTrainer(model=model, args=args, train_dataset=make_dataset(), optimizers=optimizers,
+                                      callbacks=[recorder])
+            grads_same.clear()
+            trainer.train(resume_from_checkpoint=resume)
+            optimizer = trainer.distlion_optimizer()
+            runs[run] = {"steps": recorder.steps, "grads_same": list(grads_same), "params": [p.detach().clone() for p in trainer.model.parameters()],
+                         "comm": optimizer.comm_stats.as_dict(), "allreduce": trainer.model_wrapped.enable_backward_allreduce,
+                         "numel": sum(p.numel() for p in trainer.model.parameters()),
+                         "log_history": trainer.state.log_history}
+            if resume is None:
+                runs["saved"] = sorted(os.listdir(os.path.join(out, f"ds_{way_in}_train", f"checkpoint-{SAVE_AT}",
+                                                              f"global_step{SAVE_AT}")))
+            del trainer
+            gc.collect()
+        result[way_in] = runs
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=["train", "resume"], required=True)
+    parser.add_argument("--phase", choices=["train", "resume", "deepspeed"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--ckpt")
     parser.add_argument("--bad-ckpt", action="append", default=[])
     options = parser.parse_args()
     if options.phase == "train":
         result = train_phase(options.out)
+    elif options.phase == "deepspeed":
+        result = deepspeed_phase(options.out)
     else:
         result = resume_phase(options.out, options.ckpt, options.bad_ckpt)
     result["world_size"] = dist.get_world_size()
