@@ -22,7 +22,9 @@ Under FSDP2 (``fully_shard`` over the "shard" dim of a (replicate, shard) mesh) 
 rank lays out, updates and votes on its parameters' local shards, with FSDP's
 reduce-scatter as the node's gradient (``distlion.local_shards``).
 
-With one rank (or no process group) and no vote_ema_beta this is exactly Lion.
+With one rank (or no process group) and no vote_ema_beta this is exactly Lion. With
+``k="dead_zone"`` or ``"top"`` the sign becomes Lion-K's ternary t_i in {-1, 0, +1}
+(two bits per coordinate) and D = sign(sum_i t_i), or their mean (``distlion.vote``).
 ``step()`` only orchestrates: kernels (``distlion.kernels``) do the math, the vote rule
 (``distlion.vote``) owns the vote, exchanges and node collectives (``distlion.comm``)
 move the bytes.
@@ -44,6 +46,7 @@ from distlion.averaged import AveragedGradientsCheck
 from distlion.checks import check_hyperparameters, check_layout_agrees, check_parameters, is_real_number
 from distlion.comm import CommStats, NodeCollectives, choose_exchange, make_exchange, make_node, ring_allreduce_bytes
 from distlion.comm.flat import wait_for
+from distlion.constraint import measure, overall
 from distlion.kernels import kernels_for
 from distlion.kernels.gather import gather_into
 from distlion.layout import Bucket, BucketLayout, build_layout, slot_views
@@ -51,7 +54,7 @@ from distlion.local_shards import (ShardStaging, check_sharded_parameters, copy_
                                    local_grad, local_param_groups, local_tensor, shard_groups, vote_group_of_mesh)
 from distlion.topology import (AUTO, NodeTopology, check_ranks_per_node, from_groups, resolve_ranks_per_node,
                                single_rank, split_group)
-from distlion.vote import VOTES, VoteRule
+from distlion.vote import K_RULES, VOTES, VoteRule
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +122,15 @@ class DistLion(torch.optim.Optimizer):
             "replicate" dim's ranks vote, instead of ``process_group``. Each rank
             updates and votes on its local shards; FSDP's reduce-scatter is the node's
             gradient, so ``ranks_per_node`` resolves to 1.
+        k: Lion-K's gradient of K applied to c (``distlion.kernels.ternary``). "sign"
+            (default): Lion, 1 bit per coordinate. "dead_zone": sign(c) where |c| >
+            ``k_threshold`` * mean |c| of the voter's bucket (its chunk with nodes), else 0.
+            "top": sign(c) for the ``k_fraction`` of the bucket's coordinates with the largest
+            |c| (ties move too), else 0. The ternary rules send 2 bits per coordinate (plus,
+            minus; counted in ``comm_stats``); the majority vote is sign(sum of the t_i), 0
+            where it is 0; the average is their mean. Not with FSDP2 parameters.
+        k_threshold: the dead zone's width in units of the bucket's mean |c| (>= 0).
+        k_fraction: the share of coordinates that move under k="top", in (0, 1].
 
     Example::
 
@@ -135,8 +147,10 @@ class DistLion(torch.optim.Optimizer):
                  process_group: Any = None, bucket_cap_mb: float = 25, master_weights: bool = True,
                  momentum_dtype: torch.dtype | None = None, vote_ema_beta: float | None = None,
                  ranks_per_node: int | str = AUTO, node_group: Any = None, reduce_dtype: torch.dtype | None = None,
-                 timeout: float | None = None, device_mesh: Any = None):
+                 timeout: float | None = None, device_mesh: Any = None, k: str = "sign", k_threshold: float = 1.0,
+                 k_fraction: float = 0.1):
         check_hyperparameters(lr, betas, weight_decay, vote_ema_beta)
+        _check_lion_k(k, k_threshold, k_fraction)
         check_ranks_per_node(ranks_per_node)
         if timeout is not None and not (is_real_number(timeout) and 0 < timeout < math.inf):
             raise ValueError(f"Invalid timeout: {timeout!r}; use seconds > 0, or None for the process group's")
@@ -166,17 +180,24 @@ class DistLion(torch.optim.Optimizer):
         self.process_group = _resolve_group(process_group)
         self.timeout = timedelta(seconds=timeout) if timeout is not None else None
         self.vote = vote
+        self.k = k
+        self._k_settings = {"k": k, "k_threshold": k_threshold, "k_fraction": k_fraction}
         self.comm_stats = CommStats()
         self._step = 0
         self.overflow = False  # True after a step that every rank skipped
         self._warned_skip = False
         self._warned_momentum = False  # a float16 momentum's overflow is reported once
         self._pending_tensors: dict | None = None  # loaded before a re-layout, applied by it
+        self._constraint_previous: list[float | None] | None = None  # ||lambda x||_inf per group, last measured
         self.topology = self._resolve_topology(process_group, ranks_per_node, node_group)
         self.world_size = self.topology.world_size
         self.rank = self.topology.rank
         self.ranks_per_node = self.topology.ranks_per_node
-        self.vote_rule = VoteRule(vote, self.topology.nodes)
+        self.vote_rule = VoteRule(vote, self.topology.nodes, k, k_threshold, k_fraction)
+        if self.vote_rule.ternary and any(is_sharded(p) for p in self._params_in_order()):
+            raise ValueError(f"k={k!r} with parameters sharded by FSDP2 is not supported: DistLion stages FSDP's "
+                             f"shards piece by piece, and the ternary rules need a whole bucket's |c| at once. "
+                             f"Use k='sign' with FSDP2, or k={k!r} without FSDP (plain or ranks_per_node).")
         self.exchange_name = choose_exchange(exchange, self.topology.nodes)
         self.comm_stats.ranks_per_node = self.ranks_per_node
         self._averaged_check = AveragedGradientsCheck(self.topology.nodes, self.comm_stats)
@@ -241,6 +262,7 @@ class DistLion(torch.optim.Optimizer):
         layout = self._new_layout(world_size)
         settings = {key: self.defaults[key] for key in ("vote", "exchange", "master_weights", "momentum_dtype",
                                                         "reduce_dtype")}
+        settings.update(self._k_settings)  # the ternary rules send twice the bytes: a difference would hang
         for index, group in enumerate(self.param_groups):
             for key in ("lr", "betas", "weight_decay", "vote_ema_beta"):
                 settings[f"param group {index} {key}"] = group[key]
@@ -362,7 +384,8 @@ class DistLion(torch.optim.Optimizer):
         shards = {id(shard) for shard in self._shards}
         self._shard_masters = [index for index, (tracked, _, _) in enumerate(self._masters) if id(tracked) in shards]
         device = self.layout.buckets[0].device if self.layout.buckets else torch.device("cpu")
-        chunk_bytes = [bucket.padded_numel // self.ranks_per_node // 8 for bucket in self.layout.buckets]
+        chunk_bytes = [self.vote_rule.packed_planes * bucket.padded_numel // self.ranks_per_node // 8
+                       for bucket in self.layout.buckets]
         self._exchange = make_exchange(self.exchange_name, self.topology.vote_group, chunk_bytes,
                                        self.vote_rule.planes, device, self.comm_stats, self.timeout)
         self._node = make_node(self.topology, self.comm_stats, device, self.timeout)
@@ -401,7 +424,7 @@ class DistLion(torch.optim.Optimizer):
             node_grads=staging[dev][index % 2][:n] if sharded else None,
             grads=None if staged else torch.zeros(chunk, dtype=grad_dtype, device=dev),
             momentum=torch.zeros(chunk, dtype=self.defaults["momentum_dtype"], device=dev),
-            bits=torch.zeros(chunk // 8, dtype=torch.uint8, device=dev),
+            bits=torch.zeros(self.vote_rule.packed_planes * chunk // 8, dtype=torch.uint8, device=dev),
             master=torch.zeros(chunk, dtype=torch.float32, device=dev) if low_precision else None,
             vote_ema=torch.zeros(chunk, dtype=torch.float32, device=dev) if scaled else None,
         )
@@ -605,6 +628,8 @@ class DistLion(torch.optim.Optimizer):
             gather_into(self._bucket_grads(index), self._gather_views[index])
             if grad_scale is not None:
                 buffers.grads.mul_(grad_scale.double().reciprocal().float())
+        if self.vote_rule.ternary:
+            return self.vote_rule.pack(buffers.grads, buffers.momentum, buffers.bits, beta1=beta1)
         if self._momentum_in_pack(buffers):
             return kernels.pack_signs_and_momentum(buffers.grads, buffers.momentum, buffers.bits, buffers.grads,
                                                    beta1=beta1, beta2=beta2, parity=step % 2)
@@ -653,11 +678,12 @@ class DistLion(torch.optim.Optimizer):
                 raise RuntimeError(f"param group {bucket.group_index} has vote_ema_beta={beta!r} but was built "
                                    f"without it: pass vote_ema_beta when building DistLion (or in the group).")
 
-    @staticmethod
-    def _momentum_in_pack(buffers: _BucketBuffers) -> bool:
+    def _momentum_in_pack(self, buffers: _BucketBuffers) -> bool:
         """True when the pack pass can write the new momentum over the gradient buffer (same dtype;
-        never when staged, where the gradient buffer is a piece of scratch)."""
-        return buffers.grads is not None and buffers.grads.dtype == buffers.momentum.dtype
+        never when staged, where the gradient buffer is a piece of scratch, nor for Lion-K's ternary
+        rules, whose pack is composed of torch ops and leaves the momentum to ``update_momentum``)."""
+        return buffers.grads is not None and buffers.grads.dtype == buffers.momentum.dtype and \
+            not self.vote_rule.ternary
 
     def _swap_momentum(self, index: int) -> None:
         """Make the gradient buffer, which holds the new momentum, the momentum; the old one is scratch.
@@ -699,6 +725,28 @@ class DistLion(torch.optim.Optimizer):
                            "the step (no momentum update, no decay). Further skips are counted in "
                            "comm_stats.skipped_steps.", step)
             self._warned_skip = True
+
+    # ------------------------------------------------------------ monitoring
+
+    @torch.no_grad()
+    def constraint_stats(self) -> dict:
+        """Where the parameters stand against the box weight decay keeps them in (``distlion.constraint``).
+
+        Lion with weight decay lambda solves min f(x) s.t. ||lambda * x||_inf <= 1: first
+        the coordinates outside the box decay into it ("decaying", at least by
+        (1 - lr*lambda) per step), then the iterate minimises f inside it ("inside"). Per
+        param group: ||x||_inf, ||lambda * x||_inf, the coordinates outside, the phase, a
+        bound on the steps left to reach the box at the current lr, and the previous call's
+        ||lambda * x||_inf; a group with weight decay 0 has no box ("unbounded"). Returns
+        ``distlion.constraint.overall``'s dict (JSON-ready).
+
+        Cheap: one pass over the parameters, one host sync. With FSDP2 parameters it reduces
+        over the shard group (every rank must call it); otherwise it is local, and every
+        replica gets the same numbers.
+        """
+        groups = measure(self.param_groups, self._constraint_previous, self.timeout)
+        self._constraint_previous = [group.scaled_max for group in groups]
+        return overall(groups)
 
     # ------------------------------------------------------------ state_dict
 
@@ -830,6 +878,19 @@ class DistLion(torch.optim.Optimizer):
 
 
 # --------------------------------------------------------------------- helpers
+
+def _check_lion_k(k: Any, threshold: Any, fraction: Any) -> None:
+    """Raise a ValueError naming a bad Lion-K option and the fix."""
+    if k not in K_RULES:
+        raise ValueError(f"Invalid k: {k!r}; use one of {K_RULES} ('sign': Lion, 1 bit per coordinate; "
+                         f"'dead_zone' and 'top': Lion-K's ternary update, 2 bits)")
+    if not (is_real_number(threshold) and 0 <= threshold < math.inf):
+        raise ValueError(f"Invalid k_threshold: {threshold!r}; use a finite number >= 0 (k='dead_zone' moves the "
+                         f"coordinates with |c| > k_threshold * mean |c| of the bucket; 0: every non-zero c)")
+    if not (is_real_number(fraction) and 0 < fraction <= 1):
+        raise ValueError(f"Invalid k_fraction: {fraction!r}; use a number in (0, 1] (k='top' moves that fraction "
+                         f"of each bucket's coordinates, those of largest |c|; 1: all)")
+
 
 def _resolve_group(process_group: Any) -> Any:
     if process_group is not None:

@@ -1,5 +1,9 @@
 """Compare training runs: a terminal table, ``report.json`` and ``report.png``.
 
+``report.png`` shows validation loss against step and against bytes sent, and for
+DistLion/Lion runs ||weight_decay * x||_inf against step (the box Lion keeps the
+parameters in; ``DistLion.constraint_stats``).
+
 Every number comes from the runs' ``metrics.json`` (written by ``launch.train``);
 nothing here is a formula. ``machine_info()`` describes the machine for the reports
 and the benchmarks (processor and cores, never the host name).
@@ -130,15 +134,40 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(text)
 
 
+def _constraint_curves(metrics: dict) -> dict[str, list[tuple[int, float]]]:
+    """Per param group with weight decay: (step, ||weight_decay * x||_inf) at each validation point
+    (``history[i]["constraint"]``, DistLion and Lion runs); empty for runs without it."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for entry in metrics["history"]:
+        for index, group in enumerate((entry.get("constraint") or {}).get("groups", [])):
+            if group["scaled_max"] is not None:
+                curves.setdefault(f"group {index} (wd {group['weight_decay']:g})", []).append(
+                    (entry["step"], group["scaled_max"]))
+    return curves
+
+
+def _plot_constraint(axis, runs: dict[str, dict]) -> None:
+    """||weight_decay * x||_inf against step, one line per run and decayed param group; the box is <= 1."""
+    for m in runs.values():
+        for group, points in _constraint_curves(m).items():
+            axis.plot([s for s, _ in points], [v for _, v in points], marker=".", label=f"{_label(m)}, {group}")
+    axis.axhline(1.0, color="black", linestyle="--", linewidth=1, label="box: ||wd*x||_inf = 1")
+    axis.set(yscale="log", xlabel="step", ylabel="||weight_decay * x||_inf (log scale)",
+             title="Lion's box: decaying into it (> 1), then inside")
+
+
 def plot(runs: dict[str, dict], path: str) -> bool:
-    """Draw validation loss against step and against bytes sent; False when matplotlib is missing."""
+    """Draw validation loss against step and against bytes sent, and, for runs that logged
+    ``constraint_stats``, ||weight_decay * x||_inf against step; False when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (by_step, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    boxed = {name: m for name, m in runs.items() if _constraint_curves(m)}
+    fig, axes = plt.subplots(1, 3 if boxed else 2, figsize=(16.5 if boxed else 11, 4.2))
+    by_step, by_bytes = axes[:2]
     for m in runs.values():
         history = m["history"]
         steps = [h["step"] for h in history]
@@ -154,7 +183,9 @@ def plot(runs: dict[str, dict], path: str) -> bool:
                 title=f"{first['world_size']} workers, equal steps and data")
     by_bytes.set(xscale="log", xlabel="bytes sent per worker (cumulative, log scale; nodes: inter-node only)",
                  ylabel="validation loss (nats/byte)", title="loss against communication")
-    for axis in (by_step, by_bytes):
+    if boxed:
+        _plot_constraint(axes[2], boxed)
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
     fig.tight_layout()

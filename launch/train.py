@@ -3,7 +3,10 @@
 This is the script behind the demo and the convergence benchmark. It writes
 ``metrics.json`` to ``--out``: the validation loss curve, the bytes this rank sent
 for gradients or signs (measured: DistLion's ``comm_stats``, DDP's all-reduce through a
-counting comm hook), time per step, and a digest of every rank's parameters.
+counting comm hook), time per step, and a digest of every rank's parameters. For
+DistLion and Lion each validation point also records ``constraint``: the optimizer's
+``constraint_stats()`` (||weight_decay * x||_inf per param group, the share of
+coordinates outside that box, and the phase: "decaying" into the box or "inside" it).
 
 Run it from the repository root, as a module. Single process (DistLion with one rank
 is plain Lion)::
@@ -119,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--vote_ema_beta", type=_beta_or_off, default=None, metavar="BETA",
                      help="distlion and lion: scale each coordinate's step by the squared EMA of its votes with "
                           "this beta ('off': Lion's unscaled step, whose lr should be 3-10x smaller; default 0.9)")
+    opt.add_argument("--k", choices=("sign", "dead_zone", "top"), default="sign",
+                     help="distlion and lion: Lion-K's update, sign(c) or a ternary one (2 bits per coordinate; "
+                          "DistLion's k, with its default k_threshold and k_fraction)")
     opt.add_argument("--ranks_per_node", type=_ranks_per_node, default="auto", metavar="G|auto",
                      help="DistLion: ranks of one node, which vote as one worker (default auto: LOCAL_WORLD_SIZE on "
                           "a multi-node job, else 1)")
@@ -162,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.optimizer == "adamw" and args.vote_ema_beta is not None:
         parser.error(f"--vote_ema_beta {args.vote_ema_beta}: only distlion and lion take it")
+    if args.optimizer == "adamw" and args.k != "sign":
+        parser.error(f"--k {args.k}: only distlion and lion take it")
     if args.optimizer != "distlion" and args.ranks_per_node not in ("auto", 1) and not args.fsdp:
         parser.error(f"--ranks_per_node {args.ranks_per_node}: only distlion takes it")
     defaults = DEFAULT_HYPERPARAMETERS[args.optimizer]
@@ -253,7 +261,7 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], session: Sessi
         ranks_per_node = 1
     return DistLion(groups, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, vote=args.vote,
                     exchange=args.exchange, process_group=process_group, ranks_per_node=ranks_per_node,
-                    vote_ema_beta=None if args.vote_ema_beta == "off" else args.vote_ema_beta)
+                    vote_ema_beta=None if args.vote_ema_beta == "off" else args.vote_ema_beta, k=args.k)
 
 
 def _param_groups(model: GPT, args: argparse.Namespace) -> list[dict]:
@@ -269,6 +277,20 @@ def _inter_node_bytes(optimizer: Any) -> int | None:
     """DistLion's bytes sent to other nodes so far (the vote; all it sends when a node is one rank)."""
     inner = unwrap(optimizer)
     return inner.comm_stats.inter_node_bytes_sent if inner is not None else None
+
+
+def _constraint(optimizer: Any) -> dict | None:
+    """DistLion's ``constraint_stats()`` (the box ||weight_decay * x||_inf <= 1 and its phase); None for
+    AdamW. Every rank calls it: under FSDP2 it reduces over the shard group."""
+    inner = unwrap(optimizer)
+    return inner.constraint_stats() if inner is not None else None
+
+
+def _describe_constraint(stats: dict | None) -> str:
+    if stats is None or stats["scaled_max"] is None:
+        return ""
+    return (f"  max|wd*x| {stats['scaled_max']:.3f} ({stats['phase']}, {stats['fraction_outside']:.2%} outside, "
+            f"{stats['fraction_at_boundary']:.2%} at the boundary)")
 
 
 def _plain_batches(corpus, args, session: Session) -> Iterator:
@@ -325,7 +347,7 @@ def fsdp_engine(args, model: GPT, corpus, session: Session) -> Engine:
     groups = _param_groups(model, args)
     if args.optimizer == "distlion":
         optimizer = DistLion(groups, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, vote=args.vote,
-                             exchange=args.exchange, device_mesh=mesh,
+                             exchange=args.exchange, device_mesh=mesh, k=args.k,
                              vote_ema_beta=None if args.vote_ema_beta == "off" else args.vote_ema_beta)
     else:
         optimizer = build_optimizer(args, groups, session)
@@ -460,7 +482,8 @@ def train(args: argparse.Namespace) -> dict:
                  f"{corpus.describe()}")
 
     history = [{"step": 0, "val_loss": evaluate(engine.module, corpus, args, session), "bytes_sent": 0,
-                "inter_node_bytes_sent": 0, "train_loss": None, "elapsed_s": 0.0}]
+                "inter_node_bytes_sent": 0, "train_loss": None, "elapsed_s": 0.0,
+                "constraint": _constraint(engine.optimizer)}]
     step_times, optimizer_times, losses = [], [], []
     start = time.perf_counter()
     for step in range(args.steps):
@@ -486,9 +509,10 @@ def train(args: argparse.Namespace) -> dict:
             history.append({"step": step + 1, "val_loss": evaluate(engine.module, corpus, args, session),
                             "train_loss": _mean(interval), "bytes_sent": sent,
                             "inter_node_bytes_sent": _inter_node_bytes(engine.optimizer),
-                            "elapsed_s": time.perf_counter() - start})
+                            "elapsed_s": time.perf_counter() - start,
+                            "constraint": _constraint(engine.optimizer)})
             progress.log(f"step {step + 1:5d}  train {history[-1]['train_loss']:.4f}  "
-                         f"val {history[-1]['val_loss']:.4f}")
+                         f"val {history[-1]['val_loss']:.4f}{_describe_constraint(history[-1]['constraint'])}")
     wall = time.perf_counter() - start
     progress.close()
 
@@ -500,6 +524,7 @@ def train(args: argparse.Namespace) -> dict:
     metrics = {
         "optimizer": args.optimizer,
         "vote": args.vote if args.optimizer == "distlion" else None,
+        "k": args.k if args.optimizer != "adamw" else None,
         "exchange": inner.exchange_name if inner is not None and args.optimizer == "distlion" else None,
         "launcher": "accelerate" if args.accelerate else "deepspeed" if args.deepspeed_config else "torchrun",
         "fsdp": args.fsdp,
