@@ -169,11 +169,11 @@ def _model(config: GPTConfig) -> GPT:
 
 
 def distlion_trainer(config: GPTConfig, *, vote: str = "majority", exchange: str = "auto",
-                     vote_ema_beta: float | None = None, ranks_per_node: int | str = "auto",
+                     vote_ema_beta: float | None = None, ranks_per_node: int | str = "auto", k: str = "sign",
                      name: str = "distlion") -> Trainer:
     model = _model(config)
     optimizer = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1, vote=vote, exchange=exchange,
-                         vote_ema_beta=vote_ema_beta, ranks_per_node=ranks_per_node)
+                         vote_ema_beta=vote_ema_beta, ranks_per_node=ranks_per_node, k=k)
     return _distlion_steps(name, model, optimizer)
 
 

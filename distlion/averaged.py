@@ -6,7 +6,9 @@ full all-reduce still runs and DistLion's bytes come on top. Every voter then pa
 same signs, which the vote already has in hand: the check compares the packed rows it
 votes on (its chunk of every voter's signs) during the first ``WATCHED_STEPS`` steps, so
 it sends nothing. Identical signs on every watched step with non-zero local gradients
-warn once, on every rank, and set ``comm_stats.gradients_already_averaged``. The same
+warn once, on every rank, and set ``comm_stats.gradients_already_averaged`` (a rank whose
+votes cover bucket padding only, in a model smaller than 64 coordinates per voter, cannot
+judge and stays silent). The same
 batch on every rank gives the same signs too; the warning names both causes.
 """
 
@@ -37,9 +39,10 @@ WARNING = (
 class AveragedGradientsCheck:
     """Watches the first ``WATCHED_STEPS`` votes of ``voters`` voters for identical packed signs."""
 
-    def __init__(self, voters: int, stats: CommStats):
+    def __init__(self, voters: int, stats: CommStats, judges: bool = True):
         self.stats = stats
-        self.done = voters < 2  # one voter: nothing to compare
+        # one voter: nothing to compare; a rank that votes on bucket padding only sees no evidence either way
+        self.done = voters < 2 or not judges
         self._identical_steps = 0
         self._differ = False
 

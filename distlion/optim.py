@@ -52,6 +52,7 @@ from distlion.kernels.gather import gather_into
 from distlion.layout import Bucket, BucketLayout, build_layout, slot_views
 from distlion.local_shards import (ShardStaging, check_sharded_parameters, copy_shards, is_dtensor, is_sharded,
                                    local_grad, local_param_groups, local_tensor, shard_groups, vote_group_of_mesh)
+from distlion.momentum_sync import MomentumSync, check_every
 from distlion.topology import (AUTO, NodeTopology, check_ranks_per_node, from_groups, resolve_ranks_per_node,
                                single_rank, split_group)
 from distlion.vote import K_RULES, VOTES, VoteRule
@@ -131,6 +132,9 @@ class DistLion(torch.optim.Optimizer):
             where it is 0; the average is their mean. Not with FSDP2 parameters.
         k_threshold: the dead zone's width in units of the bucket's mean |c| (>= 0).
         k_fraction: the share of coordinates that move under k="top", in (0, 1].
+        momentum_sync_every: K: every K applied steps the voters' momenta are replaced by
+            their mean, sent as bf16 (``distlion.momentum_sync``; 24/K bits per coordinate
+            per step at 4 voters, counted in ``comm_stats``). None (default): never.
 
     Example::
 
@@ -148,9 +152,10 @@ class DistLion(torch.optim.Optimizer):
                  momentum_dtype: torch.dtype | None = None, vote_ema_beta: float | None = None,
                  ranks_per_node: int | str = AUTO, node_group: Any = None, reduce_dtype: torch.dtype | None = None,
                  timeout: float | None = None, device_mesh: Any = None, k: str = "sign", k_threshold: float = 1.0,
-                 k_fraction: float = 0.1):
+                 k_fraction: float = 0.1, momentum_sync_every: int | None = None):
         check_hyperparameters(lr, betas, weight_decay, vote_ema_beta)
         _check_lion_k(k, k_threshold, k_fraction)
+        check_every(momentum_sync_every)
         check_ranks_per_node(ranks_per_node)
         if timeout is not None and not (is_real_number(timeout) and 0 < timeout < math.inf):
             raise ValueError(f"Invalid timeout: {timeout!r}; use seconds > 0, or None for the process group's")
@@ -181,7 +186,8 @@ class DistLion(torch.optim.Optimizer):
         self.timeout = timedelta(seconds=timeout) if timeout is not None else None
         self.vote = vote
         self.k = k
-        self._k_settings = {"k": k, "k_threshold": k_threshold, "k_fraction": k_fraction}
+        self._k_settings = {"k": k, "k_threshold": k_threshold, "k_fraction": k_fraction,
+                            "momentum_sync_every": momentum_sync_every}
         self.comm_stats = CommStats()
         self._step = 0
         self.overflow = False  # True after a step that every rank skipped
@@ -200,8 +206,11 @@ class DistLion(torch.optim.Optimizer):
                              f"Use k='sign' with FSDP2, or k={k!r} without FSDP (plain or ranks_per_node).")
         self.exchange_name = choose_exchange(exchange, self.topology.nodes)
         self.comm_stats.ranks_per_node = self.ranks_per_node
-        self._averaged_check = AveragedGradientsCheck(self.topology.nodes, self.comm_stats)
+        self._momentum_sync = MomentumSync(momentum_sync_every, self.topology.vote_group, self.topology.nodes,
+                                           self.comm_stats, self.timeout)
         self._build(previous=None)
+        self._averaged_check = AveragedGradientsCheck(self.topology.nodes, self.comm_stats,
+                                                      judges=self._votes_on_parameters())
         self._broadcast_parameters()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -262,7 +271,7 @@ class DistLion(torch.optim.Optimizer):
         layout = self._new_layout(world_size)
         settings = {key: self.defaults[key] for key in ("vote", "exchange", "master_weights", "momentum_dtype",
                                                         "reduce_dtype")}
-        settings.update(self._k_settings)  # the ternary rules send twice the bytes: a difference would hang
+        settings.update(self._k_settings)  # the ternary rules and the sync send other bytes: a difference would hang
         for index, group in enumerate(self.param_groups):
             for key in ("lr", "betas", "weight_decay", "vote_ema_beta"):
                 settings[f"param group {index} {key}"] = group[key]
@@ -589,10 +598,23 @@ class DistLion(torch.optim.Optimizer):
             self._node.gather_start(index, buffers.params)
         self._node.gather_finish()
         self._copy_out_shards()
+        if self._momentum_sync.due(step):
+            self._momentum_sync.sync([buffers.momentum for buffers in self._buffers])
         if self.defaults["momentum_dtype"] == torch.float16 and not self._warned_momentum:
             self._check_momentum_range(step)
         self._step = step
         return loss
+
+    def _votes_on_parameters(self) -> bool:
+        """True when the coordinates this rank votes on include parameters, not bucket padding only (a tiny
+        model's last chunk can be all padding, whose signs every voter packs alike)."""
+        for bucket in self.layout.buckets:
+            start = self.topology.local_rank * (bucket.padded_numel // self.ranks_per_node)
+            if self.exchange_name == "two_phase":  # this voter's share of its node chunk
+                start += self.topology.node * (bucket.padded_numel // self.ranks_per_node // self.topology.nodes)
+            if start < bucket.numel:
+                return True
+        return False
 
     def _gradients_nonzero(self) -> bool:
         """True when this rank has a non-zero gradient (read on the first few steps only)."""
