@@ -2,24 +2,18 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from benchmarks import suite
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_benchmarks import load, run_benchmark
 
 
 @pytest.mark.timeout(120)
 def test_suite_smoke(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--smoke", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=110, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    record = json.loads((tmp_path / "suite-smoke.json").read_text())
-    assert record["smoke"] is True and record["settings"]["world_size"] == 2
+    result = run_benchmark("suite", tmp_path, timeout=110)
+    record = load(tmp_path, "suite")
+    assert record["settings"]["world_size"] == 2
     assert set(record["summary"]) == set(suite.TASKS)
     for task, table in record["summary"].items():
         assert set(table) == {"adamw", "distlion_majority"}, task
