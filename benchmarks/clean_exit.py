@@ -15,6 +15,7 @@ handle retention turned off (what ``wait_for`` did before), as the control.
 
     python -m benchmarks.clean_exit                                 # 20 launches per launcher
     python -m benchmarks.clean_exit --amplify --variants fixed unfixed --launches 5
+    python -m benchmarks.clean_exit --launchers lightning --tag lightning   # Lightning's own launcher
     python -m benchmarks.clean_exit --smoke                         # 1 amplified launch, torchrun
 """
 
@@ -34,7 +35,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 STEPS = 5
-LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
+LAUNCHERS = ("torchrun", "accelerate", "deepspeed", "lightning")
 ABORT_MARK = "terminate called without an active exception"
 
 SHIM_SOURCE = r"""
@@ -93,7 +94,7 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))  # Lightning's rank 1: LOCAL_RANK
     data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
     batches = [(torch.randn(4, 8, generator=data), torch.randn(4, 1, generator=data)) for _ in range(STEPS)]
     kwargs = {"lr": 1e-2, "weight_decay": 0.1, "timeout": args.timeout}
@@ -120,6 +121,9 @@ def worker(args) -> None:
         for x, y in batches:
             engine.backward(F.mse_loss(engine(x), y))
             engine.step()
+    elif args.launcher == "lightning":  # Lightning's own launcher starts rank 1 (this module again)
+        train_with_lightning(model, batches, kwargs)
+        return
     else:
         import torch.distributed as dist
         dist.init_process_group("gloo")
@@ -129,6 +133,33 @@ def worker(args) -> None:
             optimizer.step()
             optimizer.zero_grad()
     print(f"rank {rank}: trained {STEPS} steps", flush=True)
+
+
+def train_with_lightning(model, batches: list, kwargs: dict) -> None:
+    """``Trainer(strategy="distlion")`` on 2 CPU processes, STEPS steps on each rank's own batches."""
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    import distlion.lightning  # noqa: F401  registers strategy="distlion"
+    from distlion import DistLion
+
+    class Regression(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch, index):
+            return F.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return DistLion(self.parameters(), **kwargs)
+
+    trainer = pl.Trainer(strategy="distlion", accelerator="cpu", devices=WORLD, max_steps=STEPS, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False)  # the batches are this rank's already
+    trainer.fit(Regression(), train_dataloaders=DataLoader(batches, batch_size=None))
+    print(f"rank {trainer.global_rank}: trained {STEPS} steps", flush=True)
 
 
 # ------------------------------------------------------------------------ orchestration
@@ -167,6 +198,8 @@ def command(launcher: str, worker_args: list[str]) -> list[str]:
     if launcher == "deepspeed":
         return [os.path.join(bin_dir, "deepspeed"), "--num_gpus", str(WORLD), "--master_port", port,
                 "--no_local_rank", "--module", *module]
+    if launcher == "lightning":  # a plain process; Lightning starts the others
+        return [sys.executable, "-m", *module]
     raise ValueError(f"unknown launcher {launcher!r}; use one of {LAUNCHERS}")
 
 
@@ -227,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--timeout", type=float, default=None, help="DistLion(timeout=...) in the workers")
     parser.add_argument("--smoke", action="store_true", help="1 amplified torchrun launch: checks that it runs")
     parser.add_argument("--out", default=None, metavar="DIR", help="results directory (default benchmarks/results)")
+    parser.add_argument("--tag", default=None, help="results file clean_exit-TAG-DATE.json, for a non-default run")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--launcher", choices=LAUNCHERS, default="torchrun", help=argparse.SUPPRESS)
     parser.add_argument("--unfixed", action="store_true", help=argparse.SUPPRESS)
@@ -244,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from benchmarks import harness  # imported here: the workers need none of it
     payload = {"world_size": WORLD, "steps": STEPS, "amplified": shim is not None, "shim_env": SHIM_ENV,
                "distlion_timeout": args.timeout, "rows": rows}
-    harness.write_results("clean_exit", payload, args.out, args.smoke)
+    harness.write_results(f"clean_exit-{args.tag}" if args.tag else "clean_exit", payload, args.out, args.smoke)
     return payload
 
 

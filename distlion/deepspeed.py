@@ -98,7 +98,7 @@ OPTIMIZER_TYPE = "DistLion"
 # What a "DistLion" entry's params may set: DistLion's keyword arguments that JSON can hold.
 CONFIG_PARAMS = ("lr", "betas", "weight_decay", "vote", "exchange", "bucket_cap_mb", "master_weights",
                  "momentum_dtype", "vote_ema_beta", "ranks_per_node", "reduce_dtype", "timeout", "k", "k_threshold",
-                 "k_fraction")
+                 "k_fraction", "momentum_sync_every")
 DTYPE_PARAMS = ("momentum_dtype", "reduce_dtype")  # given by name in JSON: "float32", "bfloat16"
 # Settings of DeepSpeed's ZeRO optimizer that DistLion cannot stand in for: refused, not ignored.
 REFUSED_ZERO_KEYS = ("offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param")

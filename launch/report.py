@@ -187,7 +187,8 @@ def plot(runs: dict[str, dict], path: str) -> bool:
         _plot_constraint(axes[2], boxed)
     for axis in axes:
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:  # e.g. no bytes counted in a one-process run
+            axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
