@@ -386,3 +386,34 @@ def test_dcp_state_loads_on_another_shard_size(two_by_two, dcp_directory):
         assert per_rank.keys() == saved.keys()
         for index, tensors in per_rank.items():
             assert all(torch.equal(tensors[key], saved[index][key]) for key in saved[index])
+
+
+def _killed_before_a_step(rank, world_size):
+    """2 x 2: rank 2 dies after its backward of step 3 (FSDP's reduce-scatter done), before DistLion's step."""
+    import os
+    import signal
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = _sharded_model(mesh)
+    opt = DistLion(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD, device_mesh=mesh, timeout=15)
+    for step in range(1, 6):
+        model(_grads(rank, step, STYLE)).backward()
+        if step == 3 and rank == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.timeout(150)
+def test_a_rank_killed_under_fsdp2_makes_the_survivors_fail_with_a_clear_message():
+    """The vote and the skip agreement across the mesh give up after DistLion's timeout on every survivor."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as error:
+        run_ranks(_killed_before_a_step, 4, timeout=120)
+    assert time.monotonic() - start < 120
+    message = str(error.value)
+    assert "CollectiveError" in message and "another rank exited or crashed" in message
