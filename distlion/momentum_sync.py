@@ -52,12 +52,6 @@ class MomentumSync:
         """True when ``step`` (1-based, applied steps) ends with a sync."""
         return self.every is not None and self.voters > 1 and step % self.every == 0
 
-    def bits_per_coordinate_step(self) -> float:
-        """What the sync adds to each coordinate's bytes per step, in bits, amortised over ``every`` steps."""
-        if self.every is None or self.voters == 1:
-            return 0.0
-        return 8 * ring_allreduce_bytes(SYNC_DTYPE.itemsize, self.voters) / self.every
-
     @torch.no_grad()
     def sync(self, momenta: list[Tensor]) -> None:
         """Replace each momentum buffer by the voters' mean, in place (every voter calls this at the same step)."""

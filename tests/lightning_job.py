@@ -23,7 +23,6 @@ Run by hand from the repository root, e.g.::
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import warnings
@@ -42,6 +41,7 @@ import distlion.lightning  # noqa: F401  registers strategy="distlion"
 from distlion import DistLion
 from distlion.lightning import DistLionStrategy
 from distlion.worker_exit import exit_worker
+from rank_checks import run_job_phase
 
 WORLD = 2
 EPOCHS, STEPS_PER_EPOCH = 2, 4   # optimizer steps; the checkpoint of epoch 0 is step STEPS_PER_EPOCH
@@ -221,21 +221,7 @@ def resume_phase(out: str, ckpt: str, bad_ckpts: list[str]) -> dict:
     return {**final_facts(trainer, model, recorder), "errors": errors}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=["train", "resume"], required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--ckpt")
-    parser.add_argument("--bad-ckpt", action="append", default=[])
-    options = parser.parse_args()
-    if options.phase == "train":
-        result = train_phase(options.out)
-    else:
-        result = resume_phase(options.out, options.ckpt, options.bad_ckpt)
-    result["world_size"] = dist.get_world_size()
-    torch.save(result, os.path.join(options.out, f"{options.phase}_rank{dist.get_rank()}.pt"))
-
-
 if __name__ == "__main__":
-    main()
+    run_job_phase({"train": lambda options: train_phase(options.out),
+                   "resume": lambda options: resume_phase(options.out, options.ckpt, options.bad_ckpt)})
     exit_worker()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import io
+import os
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from distlion import DistLion
 from simulation import BETAS, LR, WD, _grads, _params
@@ -64,3 +68,36 @@ def assert_every_rank_skipped_step_2(results: list) -> None:
     for snapshots, _ in results[1:]:
         for (a, _), (b, _) in zip(snapshots, results[0][0]):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def all_gather_bytes_per_step(numel: int, world_size: int) -> int:
+    """The core's all_gather exchange: (N-1) * (padded/8 + 8 flag bytes), padded to 64*N."""
+    multiple = 64 * world_size
+    padded = -(-numel // multiple) * multiple
+    return (world_size - 1) * (padded // 8 + 8)
+
+
+def assert_resume_errors(resumed: list[dict], world_size: int, state_file: Callable[[int, int], str],
+                         hint: str) -> None:
+    """Each rank of a resume launch failed on a checkpoint without DistLion's files ("plain") and on one of
+    world size 3 ("world3"), with errors naming the file expected, ``hint`` and the world size to relaunch with."""
+    for rank, result in enumerate(resumed):
+        plain, world3 = result["errors"]["plain"], result["errors"]["world3"]
+        assert plain.startswith("ValueError: No DistLion optimizer state for rank")
+        assert f"expected {state_file(rank, world_size)}" in plain and hint in plain
+        assert f"saved by a run of world size 3, but this run has world size {world_size}" in world3
+        assert "relaunch with 3 processes" in world3
+
+
+def run_job_phase(phases: dict[str, Callable[[argparse.Namespace], dict]]) -> None:
+    """The launched job scripts' main: run ``--phase`` (with ``--out``, ``--ckpt``, ``--bad-ckpt``) and save
+    this rank's result as ``<out>/<phase>_rank<r>.pt``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phase", choices=list(phases), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt")
+    parser.add_argument("--bad-ckpt", action="append", default=[])
+    options = parser.parse_args()
+    result = phases[options.phase](options)
+    result["world_size"] = dist.get_world_size()
+    torch.save(result, os.path.join(options.out, f"{options.phase}_rank{dist.get_rank()}.pt"))

@@ -24,6 +24,7 @@ from safetensors.torch import load_file  # noqa: E402  (installed with accelerat
 
 import accelerate_job as job  # noqa: E402
 from launchers import ROOT, accelerate_command, free_port, run_bounded  # noqa: E402
+from rank_checks import all_gather_bytes_per_step  # noqa: E402
 import distlion  # noqa: E402
 import distlion.accelerate  # noqa: E402
 from distlion import DistLion  # noqa: E402
@@ -63,12 +64,6 @@ def results(out: Path, phase: str, world: int = WORLD) -> list[dict]:
     return [torch.load(out / f"{phase}_rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
-def bytes_per_step(numel: int, world_size: int) -> int:
-    """The core's all_gather exchange: (N-1) * (padded/8 + 8 flag bytes), padded to 64*N."""
-    multiple = 64 * world_size
-    padded = -(-numel // multiple) * multiple
-    return (world_size - 1) * (padded // 8 + 8)
-
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
@@ -106,7 +101,7 @@ def test_distlion_keeps_gradients_local_and_parameters_identical(trained):
 
 @pytest.mark.timeout(300)
 def test_bytes_per_step_match_core_formula_and_reach_the_tracker(trained, out):
-    expected = bytes_per_step(trained[0]["numel"], WORLD)
+    expected = all_gather_bytes_per_step(trained[0]["numel"], WORLD)
     for result in trained:
         assert [facts["bytes_sent"] for facts in result["steps"]] == [expected] * STEPS
         assert result["comm"]["bytes_sent_per_step"] == expected
@@ -352,7 +347,7 @@ def test_deepspeed_plugin_votes_on_local_gradients_and_resumes_bitwise(tmp_path,
         assert record["grads_differ"] == [True] * 6, "DistLion's gradients were all-reduced"
         assert record["params_same"] == [True] * 6
         assert record["comm"]["steps"] == 6
-        assert record["comm"]["bytes_sent"] == 6 * bytes_per_step(record["numel"], WORLD)
+        assert record["comm"]["bytes_sent"] == 6 * all_gather_bytes_per_step(record["numel"], WORLD)
         assert [state_file_name(r, WORLD) for r in range(WORLD)] == [f for f in record["files"]
                                                                     if f.startswith("distlion_")]
         # load_state after step 3 in fresh objects, steps 4-6 again: bitwise the same parameters

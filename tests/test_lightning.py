@@ -21,6 +21,7 @@ pytest.importorskip("lightning")
 
 import lightning_job as job  # noqa: E402
 from launchers import ROOT, free_port, run_bounded  # noqa: E402
+from rank_checks import all_gather_bytes_per_step, assert_resume_errors  # noqa: E402
 from distlion import DistLion  # noqa: E402
 from distlion.checkpoint import state_file_name  # noqa: E402
 from distlion.lightning import LOGGED_STATS, DistLionStrategy, comm_logs, state_directory  # noqa: E402
@@ -49,12 +50,6 @@ def launch(launcher: str, out: Path, *job_args: str) -> None:
 def results(out: Path, phase: str) -> list[dict]:
     return [torch.load(out / f"{phase}_rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
-
-def bytes_per_step(numel: int, world_size: int) -> int:
-    """The core's all_gather exchange: (N-1) * (padded/8 + 8 flag bytes), padded to 64*N."""
-    multiple = 64 * world_size
-    padded = -(-numel // multiple) * multiple
-    return (world_size - 1) * (padded // 8 + 8)
 
 
 def logged_rows(out: Path, name: str) -> list[dict]:
@@ -155,7 +150,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(trained):
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
 def test_comm_figures_reach_the_logged_metrics(trained, out):
-    expected = bytes_per_step(trained[0]["numel"], WORLD)
+    expected = all_gather_bytes_per_step(trained[0]["numel"], WORLD)
     fp32 = 2 * (WORLD - 1) * 4 * trained[0]["numel"] // WORLD  # DDP's fp32 ring all-reduce, per rank and step
     rows = logged_rows(out, "train")  # CSVLogger, written by rank 0
     assert [row["step"] for row in rows] == list(range(STEPS))
@@ -208,12 +203,7 @@ def test_resume_in_a_fresh_launch_is_bitwise_equal(trained, resumed, out):
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 30)
 def test_resume_without_distlion_files_or_from_another_world_size_fails_on_every_rank(resumed):
-    for rank, result in enumerate(resumed):
-        plain, world3 = result["errors"]["plain"], result["errors"]["world3"]
-        assert plain.startswith("ValueError: No DistLion optimizer state for rank")
-        assert f"expected {state_file_name(rank, WORLD)}" in plain and 'strategy="distlion"' in plain
-        assert "saved by a run of world size 3, but this run has world size 2" in world3
-        assert "relaunch with 3 processes" in world3
+    assert_resume_errors(resumed, WORLD, state_file_name, 'strategy="distlion"')
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)

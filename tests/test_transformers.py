@@ -22,6 +22,7 @@ pytest.importorskip("accelerate")
 
 import transformers_job as job  # noqa: E402
 from launchers import ROOT, accelerate_command, free_port, run_bounded  # noqa: E402
+from rank_checks import all_gather_bytes_per_step, assert_resume_errors  # noqa: E402
 from distlion import DistLion  # noqa: E402
 from distlion.checkpoint import state_file_name  # noqa: E402
 from distlion.transformers import LOGGED_STATS, comm_logs  # noqa: E402
@@ -51,12 +52,6 @@ def launch(launcher: str, out: Path, *job_args: str, env: dict[str, str] | None 
 def results(out: Path, phase: str) -> list[dict]:
     return [torch.load(out / f"{phase}_rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
-
-def bytes_per_step(numel: int, world_size: int) -> int:
-    """The core's all_gather exchange: (N-1) * (padded/8 + 8 flag bytes), padded to 64*N."""
-    multiple = 64 * world_size
-    padded = -(-numel // multiple) * multiple
-    return (world_size - 1) * (padded // 8 + 8)
 
 
 def losses(result: dict) -> list[dict]:
@@ -133,7 +128,7 @@ def test_accumulation_votes_once_per_step_and_clipping_is_per_rank(trained):
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
 def test_comm_figures_reach_the_log_history(trained):
-    expected = bytes_per_step(trained[0]["numel"], WORLD)
+    expected = all_gather_bytes_per_step(trained[0]["numel"], WORLD)
     fp32 = 2 * (WORLD - 1) * 4 * trained[0]["numel"] // WORLD  # DDP's fp32 ring all-reduce, per rank and step
     for result in trained:
         assert [facts["bytes_sent"] for facts in result["steps"]] == [expected * s for s in range(1, job.STEPS + 1)]
@@ -173,12 +168,7 @@ def test_resume_in_a_fresh_launch_is_bitwise_equal(trained, resumed):
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 30)
 def test_resume_without_distlion_files_or_from_another_world_size_fails_on_every_rank(resumed):
-    for rank, result in enumerate(resumed):
-        plain, world3 = result["errors"]["plain"], result["errors"]["world3"]
-        assert plain.startswith("ValueError: No DistLion optimizer state for rank")
-        assert f"expected {state_file_name(rank, WORLD)}" in plain and "saved by DistLionTrainer" in plain
-        assert "saved by a run of world size 3, but this run has world size 2" in world3
-        assert "relaunch with 3 processes" in world3
+    assert_resume_errors(resumed, WORLD, state_file_name, "saved by DistLionTrainer")
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
@@ -231,10 +221,10 @@ def test_deepspeed_config_reaches_distlion_with_local_gradients_and_resumes_bitw
         assert resume["grads_same"] == [False] * (job.STEPS - job.SAVE_AT)
         assert all(step["params_same"] for step in train["steps"] + resume["steps"])
         assert train["comm"]["steps"] == job.STEPS
-        assert train["comm"]["bytes_sent"] == job.STEPS * bytes_per_step(train["numel"], WORLD)
+        assert train["comm"]["bytes_sent"] == job.STEPS * all_gather_bytes_per_step(train["numel"], WORLD)
         assert [state_file_name(r, WORLD) for r in range(WORLD)] == [
             name for name in record[way_in]["saved"] if name.startswith("distlion_")]
         assert all(torch.equal(a, b) for a, b in zip(train["params"], resume["params"]))  # bitwise resume
-        assert train["log_history"][0]["distlion/bytes_sent_per_step"] == bytes_per_step(train["numel"], WORLD)
+        assert train["log_history"][0]["distlion/bytes_sent_per_step"] == all_gather_bytes_per_step(train["numel"], WORLD)
     assert all(torch.equal(a, b) for a, b in zip(deepspeed_runs[0][way_in]["train"]["params"],
                                                  deepspeed_runs[1][way_in]["train"]["params"]))

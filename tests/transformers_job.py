@@ -25,7 +25,6 @@ Run by hand from the repository root, e.g.::
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 
@@ -40,6 +39,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingA
 from distlion import DistLion, unwrap  # noqa: E402
 from distlion.transformers import DistLionTrainer  # noqa: E402
 from distlion.worker_exit import exit_worker  # noqa: E402
+from rank_checks import run_job_phase  # noqa: E402
 
 STEPS, SAVE_AT = 8, 4          # optimizer steps; a checkpoint every SAVE_AT steps
 ACCUMULATE = 2                 # gradient_accumulation_steps
@@ -227,23 +227,8 @@ def deepspeed_phase(out: str) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=["train", "resume", "deepspeed"], required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--ckpt")
-    parser.add_argument("--bad-ckpt", action="append", default=[])
-    options = parser.parse_args()
-    if options.phase == "train":
-        result = train_phase(options.out)
-    elif options.phase == "deepspeed":
-        result = deepspeed_phase(options.out)
-    else:
-        result = resume_phase(options.out, options.ckpt, options.bad_ckpt)
-    result["world_size"] = dist.get_world_size()
-    torch.save(result, os.path.join(options.out, f"{options.phase}_rank{dist.get_rank()}.pt"))
-
-
 if __name__ == "__main__":
-    main()
+    run_job_phase({"train": lambda options: train_phase(options.out),
+                   "resume": lambda options: resume_phase(options.out, options.ckpt, options.bad_ckpt),
+                   "deepspeed": lambda options: deepspeed_phase(options.out)})
     exit_worker()
