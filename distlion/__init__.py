@@ -2,9 +2,9 @@
 
 from distlion.comm import CommStats
 from distlion.comm.flat import CollectiveError
-from distlion.checkpoint import load, save
 from distlion.optim import DistLion
-from distlion.wrappers import unwrap
+from distlion.integrations.common import unwrap
+from distlion.integrations.torchrun import load, save, scaler_step
 
-__all__ = ["CollectiveError", "CommStats", "DistLion", "load", "save", "unwrap"]
+__all__ = ["CollectiveError", "CommStats", "DistLion", "load", "save", "scaler_step", "unwrap"]
 __version__ = "0.1.0"

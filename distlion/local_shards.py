@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distlion.layout import Bucket
+from distlion.buckets import Bucket
 from distlion.topology import AUTO
 
 REPLICATE_DIM = "replicate"
+# What a mesh may call its replicate dim: torchtitan's name and Accelerate's ParallelismConfig's.
+REPLICATE_DIMS = (REPLICATE_DIM, "dp_replicate")
 
 
 def _dtensor_type() -> type | None:
@@ -62,14 +64,23 @@ def local_param_groups(param_groups: list[dict]) -> list[dict]:
     return [{**group, "params": [local(p) for p in group["params"]]} for group in param_groups]
 
 
-def vote_group_of_mesh(device_mesh: Any) -> Any:
-    """The process group of ``device_mesh``'s "replicate" dim: the ranks that hold the same shards."""
+def replicate_dim(device_mesh: Any) -> str:
+    """The name of ``device_mesh``'s dim whose ranks hold the same shards: "replicate", or "dp_replicate" in
+    the mesh Accelerate builds from ``ParallelismConfig(dp_replicate_size=M, dp_shard_size=G)``."""
     names = device_mesh.mesh_dim_names or ()
-    if REPLICATE_DIM not in names:
-        raise ValueError(f"device_mesh has dims {names!r}, no {REPLICATE_DIM!r} dim: build it as "
-                         f"init_device_mesh(device, (M, G), mesh_dim_names=('replicate', 'shard')) and shard "
-                         f"with fully_shard(module, mesh=mesh['shard']), or pass process_group instead")
-    return device_mesh.get_group(REPLICATE_DIM)
+    for name in REPLICATE_DIMS:
+        if name in names:
+            return name
+    raise ValueError(f"device_mesh has dims {names!r}, none of {REPLICATE_DIMS}: build it as "
+                     f"init_device_mesh(device, (M, G), mesh_dim_names=('replicate', 'shard')) and shard "
+                     f"with fully_shard(module, mesh=mesh['shard']) (or take Accelerate's, built from "
+                     f"ParallelismConfig(dp_replicate_size=M, dp_shard_size=G)), or pass process_group instead")
+
+
+def vote_group_of_mesh(device_mesh: Any) -> Any:
+    """The process group of ``device_mesh``'s replicate dim (``replicate_dim``): the ranks that hold the same
+    shards."""
+    return device_mesh.get_group(replicate_dim(device_mesh))
 
 
 def check_sharded_parameters(params: list[Tensor], vote_group: Any, ranks_per_node: int | str) -> None:

@@ -139,3 +139,58 @@ def from_groups(vote_group: Any, node_group: Any) -> NodeTopology:
     nodes, ranks_per_node = dist.get_world_size(vote_group), dist.get_world_size(node_group)
     return NodeTopology(vote_group if nodes > 1 else None, node_group if ranks_per_node > 1 else None,
                         nodes, ranks_per_node, dist.get_rank(vote_group), dist.get_rank(node_group))
+
+
+def data_parallel_group(options: Any) -> Any:
+    """The ranks DistLion's ``options`` name: a mesh's "replicate" dim, ``process_group``, or the world group
+    when torch.distributed is initialised (None: a single rank)."""
+    from distlion.local_shards import vote_group_of_mesh
+
+    if options.device_mesh is not None:
+        return vote_group_of_mesh(options.device_mesh)
+    if options.process_group is None and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return options.process_group
+
+
+def resolve(options: Any, group: Any, params: list, agree: Any) -> NodeTopology:
+    """Find this rank's nodes in ``group`` (``data_parallel_group``) from DistLion's ``options``: explicit
+    groups, or ``ranks_per_node``.
+
+    ``agree(groups, world_size, ranks_per_node)`` is called on every rank before any group
+    is built, so that a rank with another layout or setting raises instead of hanging.
+    Parameters sharded by FSDP make every rank a node of its own (FSDP reduced the
+    gradient inside the node): ``ranks_per_node`` resolves to 1.
+    """
+    from distlion.local_shards import check_sharded_parameters, is_sharded
+
+    ranks_per_node, node_group = options.ranks_per_node, options.node_group
+    if any(is_sharded(p) for p in params):
+        if node_group is not None and dist.get_world_size(node_group) > 1:
+            raise ValueError("node_group with parameters sharded by FSDP: FSDP's reduce-scatter already gives "
+                             "each rank its node's gradient; pass device_mesh=mesh (or process_group="
+                             "mesh.get_group('replicate')) and no node_group")
+        check_sharded_parameters(params, group, ranks_per_node)
+        ranks_per_node = 1
+    if node_group is not None:
+        topology = from_groups(group, node_group)
+        if ranks_per_node not in (AUTO, topology.ranks_per_node):
+            raise ValueError(f"ranks_per_node={ranks_per_node!r} differs from the size of node_group "
+                             f"({topology.ranks_per_node}); leave ranks_per_node at 'auto' with node_group")
+        agree([group, node_group], topology.world_size, topology.ranks_per_node)
+        return topology
+    if group is None:
+        launched = os.environ.get("WORLD_SIZE", "1")
+        if launched.isdigit() and int(launched) > 1:
+            raise ValueError(f"DistLion was built before torch.distributed was initialised, but WORLD_SIZE="
+                             f"{launched} says this is one of {launched} ranks: it would train alone and the "
+                             f"replicas would drift apart. Call dist.init_process_group(...) before building "
+                             f"DistLion (or pass process_group=...).")
+        if ranks_per_node not in (AUTO, 1):
+            raise ValueError(f"ranks_per_node={ranks_per_node!r} needs torch.distributed: initialise the "
+                             f"process group first (e.g. launch with torchrun), or use ranks_per_node=1")
+        return single_rank()
+    world_size = dist.get_world_size(group)
+    resolved = resolve_ranks_per_node(ranks_per_node, world_size, group is dist.group.WORLD)
+    agree([group], world_size, resolved)
+    return split_group(group, resolved)

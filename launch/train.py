@@ -56,6 +56,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distlion import DistLion, unwrap
+from distlion.options import add_flags, from_flags
 from distlion.worker_exit import exit_worker
 from launch.comm_hooks import AllReduceCounter, counting_allreduce_hook
 from launch.data import TrainWindows, check_fits, load_corpus, train_batch
@@ -90,10 +91,6 @@ def _beta_or_off(text: str) -> float | str:
     return value
 
 
-def _ranks_per_node(text: str) -> int | str:
-    return text if text == "auto" else _positive_int(text)
-
-
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0.0:  # also rejects nan
@@ -106,9 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     opt = parser.add_argument_group("optimizer")
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default="distlion")
-    opt.add_argument("--vote", choices=("majority", "average"), default="majority", help="DistLion's vote")
-    opt.add_argument("--exchange", choices=("auto", "two_phase", "all_gather"), default="auto",
-                     help="DistLion's sign exchange")
     opt.add_argument("--lr", type=_non_negative_float, default=None,
                      help="peak learning rate (default: 3e-3 for adamw, 6e-3 for distlion and lion)")
     opt.add_argument("--weight_decay", type=_non_negative_float, default=None,
@@ -122,12 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--vote_ema_beta", type=_beta_or_off, default=None, metavar="BETA",
                      help="distlion and lion: scale each coordinate's step by the squared EMA of its votes with "
                           "this beta ('off': Lion's unscaled step, whose lr should be 3-10x smaller; default 0.9)")
-    opt.add_argument("--k", choices=("sign", "dead_zone", "top"), default="sign",
-                     help="distlion and lion: Lion-K's update, sign(c) or a ternary one (2 bits per coordinate; "
-                          "DistLion's k, with its default k_threshold and k_fraction)")
-    opt.add_argument("--ranks_per_node", type=_ranks_per_node, default="auto", metavar="G|auto",
-                     help="DistLion: ranks of one node, which vote as one worker (default auto: LOCAL_WORLD_SIZE on "
-                          "a multi-node job, else 1)")
+    add_flags(opt)  # every other DistLion option (distlion.options): --vote, --k, --ranks_per_node, ...
     opt.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up (default: 10%% of --steps)")
     opt.add_argument("--min_lr_ratio", type=_non_negative_float, default=0.1,
                      help="cosine decay ends at this fraction of the peak lr")
@@ -259,9 +248,9 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], session: Sessi
         # Global Lion: DDP has averaged the gradients, so each rank takes the Lion step alone.
         process_group, _ = dist.new_subgroups(group_size=1)
         ranks_per_node = 1
-    return DistLion(groups, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, vote=args.vote,
-                    exchange=args.exchange, process_group=process_group, ranks_per_node=ranks_per_node,
-                    vote_ema_beta=None if args.vote_ema_beta == "off" else args.vote_ema_beta, k=args.k)
+    options = {**from_flags(args), "process_group": process_group, "ranks_per_node": ranks_per_node}
+    return DistLion(groups, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay,
+                    vote_ema_beta=None if args.vote_ema_beta == "off" else args.vote_ema_beta, **options)
 
 
 def _param_groups(model: GPT, args: argparse.Namespace) -> list[dict]:
@@ -346,9 +335,9 @@ def fsdp_engine(args, model: GPT, corpus, session: Session) -> Engine:
     fully_shard(model, mesh=shard_over)
     groups = _param_groups(model, args)
     if args.optimizer == "distlion":
-        optimizer = DistLion(groups, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, vote=args.vote,
-                             exchange=args.exchange, device_mesh=mesh, k=args.k,
-                             vote_ema_beta=None if args.vote_ema_beta == "off" else args.vote_ema_beta)
+        options = {**from_flags(args, skip=("ranks_per_node",)), "device_mesh": mesh}  # the mesh is the nodes
+        optimizer = DistLion(groups, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay,
+                             vote_ema_beta=None if args.vote_ema_beta == "off" else args.vote_ema_beta, **options)
     else:
         optimizer = build_optimizer(args, groups, session)
     return Engine(lambda x, y: model(x, y)[1], torch.Tensor.backward, _step_and_clear(optimizer), optimizer,

@@ -1,15 +1,19 @@
 """Accelerate's FSDP2 plugin with DistLion: 4 CPU processes as 2 nodes of 2, launched by tests/test_accelerate.py.
 
-The script shards the model over each node's ranks itself and builds DistLion with the mesh
+The script shards the model over each node's ranks itself and votes across the nodes
 (README, "Using DistLion with Accelerate"); the launch takes the FSDP2 settings of
-``launch/accelerate/fsdp2_2x8gpu.yaml`` with 4 processes on one machine. It trains 2k steps
-with ``save_state`` after step k, then ``load_state(k)`` into the same objects and runs the
-last k steps again. Each rank writes ``<out>/fsdp_rank<r>.pt``.
+``launch/accelerate/fsdp2_2x8gpu.yaml`` with 4 processes on one machine. The mesh is the
+script's own (``--mesh own``: dims "replicate", "shard") or the one Accelerate builds from
+``ParallelismConfig(dp_replicate_size=2, dp_shard_size=2)`` (``--mesh accelerate``: dims
+"dp_replicate", "dp_shard"); DistLion gets it as ``device_mesh`` or its replicate dim's group
+as ``process_group`` (``--vote-over``). It trains 2k steps with ``save_state`` after step k,
+then ``load_state(k)`` into the same objects and runs the last k steps again. Each rank
+writes ``<out>/fsdp_rank<r>.pt``.
 
-Accelerate 1.15 applies its FSDP plugin only to multi-GPU-like jobs; a CPU job falls back to
-DDP without a word. ``--cpu-fsdp`` marks the shared state as multi-device before the
-Accelerator is built, so the plugin applies on CPU with gloo: a test-only step that real
-GPU jobs do not take.
+Accelerate (1.15 and 1.16) applies its FSDP plugin only to multi-GPU-like jobs; a CPU job
+falls back to DDP without a word, and no public setting changes that. ``accelerator_on_cpu``
+marks the shared state as multi-device before the Accelerator is built, so the plugin
+applies on CPU with gloo: a test-only step that real GPU jobs do not take.
 """
 
 from __future__ import annotations
@@ -40,14 +44,14 @@ class Blocks(torch.nn.Module):
         return self.head(torch.tanh(self.blocks[1](torch.tanh(self.blocks[0](x)))))
 
 
-def accelerator_on_cpu():
+def accelerator_on_cpu(**kwargs):
     from accelerate import Accelerator
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
     PartialState(cpu=True)  # gloo
     PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # see the module docstring
-    return Accelerator(cpu=True)
+    return Accelerator(cpu=True, **kwargs)
 
 
 def full(tensors) -> list[torch.Tensor]:
@@ -59,14 +63,25 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--save-at", type=int, default=3)
+    parser.add_argument("--mesh", choices=("own", "accelerate"), default="own")
+    parser.add_argument("--vote-over", choices=("device_mesh", "process_group"), default="device_mesh")
     args = parser.parse_args()
-    accelerator = accelerator_on_cpu()
+    if args.mesh == "accelerate":
+        from accelerate.parallelism_config import ParallelismConfig
+
+        accelerator = accelerator_on_cpu(parallelism_config=ParallelismConfig(dp_replicate_size=2, dp_shard_size=2))
+        mesh, (replicate, shard) = accelerator.torch_device_mesh, ("dp_replicate", "dp_shard")
+    else:
+        accelerator = accelerator_on_cpu()
+        mesh, (replicate, shard) = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")), \
+            ("replicate", "shard")
     torch.manual_seed(0)
     model = Blocks()
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     for module in [*model.blocks, model]:
-        fully_shard(module, mesh=mesh["shard"])
-    optimizer = DistLion(model.parameters(), lr=1e-2, weight_decay=0.1, vote_ema_beta=0.9, device_mesh=mesh)
+        fully_shard(module, mesh=mesh[shard])
+    vote_over = {"device_mesh": mesh} if args.vote_over == "device_mesh" else \
+        {"process_group": mesh.get_group(replicate)}
+    optimizer = DistLion(model.parameters(), lr=1e-2, weight_decay=0.1, vote_ema_beta=0.9, **vote_over)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1.0 + 0.05 * s))
     generator = torch.Generator().manual_seed(1234)
     n = args.steps * BATCH * accelerator.num_processes
@@ -77,7 +92,7 @@ def main() -> None:
     inner = distlion.unwrap(optimizer)
     batches = list(loader)
     record = {"distributed_type": str(accelerator.distributed_type), "is_fsdp2": accelerator.is_fsdp2,
-              "params": [], "grads": []}
+              "mesh_dim_names": mesh.mesh_dim_names, "params": [], "grads": []}
 
     def run(steps):
         for step in steps:

@@ -263,7 +263,22 @@ def train_all(rank: int, world_size: int, checkpoint_root: str) -> dict:
     engine, _ = new_engine("bf16", adamw)
     results["adamw"] = {"optimizer": type(engine.basic_optimizer).__name__,
                         "allreduce_enabled": engine.enable_backward_allreduce}
+    results["zero2_one_node"] = zero_on_one_node(world_size)
     return results
+
+
+def zero_on_one_node(world_size: int) -> dict:
+    """ZeRO stage 2 on one node of ``world_size`` ranks (as torchrun sets LOCAL_WORLD_SIZE): every rank stays
+    a voter, and the warning says what ranks_per_node would give there instead."""
+    os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
+    logs = _LogRecorder("distlion.deepspeed")
+    try:
+        engine, _ = new_engine("fp32", ds_config("fp32", 2))
+        return {"ranks_per_node": get_distlion(engine).ranks_per_node,
+                "warnings": [message for message in logs.messages if "asks for sharded optimizer state" in message]}
+    finally:
+        logging.getLogger("distlion.deepspeed").removeHandler(logs)
+        del os.environ["LOCAL_WORLD_SIZE"]
 
 
 def resume_all(rank: int, world_size: int, checkpoint_root: str) -> dict:

@@ -24,6 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_command(nproc: int) -> list[str]:
+    """Return ``torchrun --nproc_per_node nproc`` of this interpreter on a free local port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port())]
+
+
 def accelerate_command() -> list[str]:
     """Return the ``accelerate launch`` of this interpreter's environment (never one from PATH)."""
     entry_point = Path(sys.executable).with_name("accelerate")

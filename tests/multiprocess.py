@@ -33,12 +33,13 @@ def _worker(rank: int, world_size: int, init_file: str, backend: str, fn, args, 
     torch.set_num_threads(1)
     try:
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-        try:
-            results.put((rank, "ok", _to_bytes(fn(rank, world_size, *args))))
-        finally:
-            dist.destroy_process_group()
+        outcome = (rank, "ok", _to_bytes(fn(rank, world_size, *args)))
     except BaseException:  # report every failure, including KeyboardInterrupt from a kill
-        results.put((rank, "error", traceback.format_exc()))
+        outcome = (rank, "error", traceback.format_exc())
+    # Reported before the teardown, which waits for every peer's pending work: a stopped peer never ends it.
+    results.put(outcome)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, backend: str = "gloo") -> list:

@@ -30,6 +30,8 @@ import distlion.accelerate  # noqa: E402
 from distlion import DistLion  # noqa: E402
 from distlion.checkpoint import state_file_name  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 JOB = ROOT / "tests" / "accelerate_job.py"
 CPU_CONFIG = ROOT / "launch" / "accelerate" / "cpu_2proc.yaml"
 WORLD = 2
@@ -55,9 +57,10 @@ def launch(*job_args: str, num_processes: int = WORLD, mixed_precision: str = "n
     return run_bounded(command, env, LAUNCH_TIMEOUT)
 
 
-def launch_ok(*job_args: str, **kwargs) -> None:
+def launch_ok(*job_args: str, **kwargs) -> subprocess.CompletedProcess:
     result = launch(*job_args, **kwargs)
     assert result.returncode == 0, f"launch failed ({result.returncode}):\n{result.stderr[-6000:]}"
+    return result
 
 
 def results(out: Path, phase: str, world: int = WORLD) -> list[dict]:
@@ -276,16 +279,27 @@ def test_unalias_keeps_every_view_of_a_flat_buffer():
     assert state["a"].untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
 
 
+FSDP2_MESHES = {"own": ("replicate", "shard"), "accelerate": ("dp_replicate", "dp_shard")}
+
+
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
-def test_fsdp2_plugin_votes_across_nodes_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("mesh, vote_over", [("own", "device_mesh"), ("accelerate", "device_mesh"),
+                                             ("accelerate", "process_group")])
+def test_fsdp2_plugin_votes_across_nodes_and_resumes_exactly(tmp_path, mesh, vote_over):
     """Accelerate's FSDP2 plugin with launch/accelerate/fsdp2_2x8gpu.yaml's settings, as 2 nodes of 2 CPU ranks:
-    the model is sharded inside each node, the nodes vote, save_state/load_state go through DCP."""
+    the model is sharded inside each node, the nodes vote, save_state/load_state go through DCP.
+
+    The mesh is the job's own or the one Accelerate builds from ParallelismConfig(dp_replicate_size=2,
+    dp_shard_size=2); DistLion takes it as device_mesh, or its replicate dim's group as process_group."""
     config = ROOT / "launch" / "accelerate" / "fsdp2_2x8gpu.yaml"
     layout = ["--config_file", str(config), "--num_machines", "1", "--machine_rank", "0", "--main_process_ip",
               "127.0.0.1", "--rdzv_backend", "static"]
-    launch_ok("--out", str(tmp_path), num_processes=4, layout=layout, job=ROOT / "tests" / "accelerate_fsdp_job.py")
+    result = launch_ok("--out", str(tmp_path), "--mesh", mesh, "--vote-over", vote_over, num_processes=4,
+                       layout=layout, job=ROOT / "tests" / "accelerate_fsdp_job.py")
+    assert "prepared without the DDP model" not in result.stderr  # there is no DDP model under FSDP2
     ranks = [torch.load(tmp_path / f"fsdp_rank{rank}.pt", weights_only=False) for rank in range(4)]
     first = ranks[0]
+    assert first["mesh_dim_names"] == FSDP2_MESHES[mesh]
     assert first["is_fsdp2"] and first["distributed_type"] == "DistributedType.FSDP"
     assert "distlion_optimizer0_dcp" in first["saved"] and "optimizer_0" in first["saved"]
     for record in ranks:  # full parameters identical on every rank after every step

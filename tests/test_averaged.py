@@ -13,6 +13,8 @@ from distlion import DistLion
 from distlion.averaged import WATCHED_STEPS
 from multiprocess import run_ranks
 
+pytestmark = pytest.mark.multiprocess
+
 
 class _Records(logging.Handler):
     def __init__(self):

@@ -14,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDEAL = {"alpha_s": 0.0, "bytes_factor": {s: 1.0 for s in scaling.SCHEMES}, "efficiency": 1.0, "wire_overhead": 1.0}
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(150)
 def test_memory_smoke(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--smoke", "--out", str(tmp_path)],
@@ -48,6 +49,7 @@ def test_memory_smoke(tmp_path):
 FSDP_SETUPS = ("fsdp2_adamw_g2", "fsdp2_distlion_g2")  # replicated DistLion: test_memory_smoke
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(90)
 def test_memory_fsdp_smoke(tmp_path):
     """N = 4 as 2 nodes x 2: FSDP2 + AdamW (hybrid) and FSDP2 + DistLion hold ~1/2 of the parameters and
@@ -80,6 +82,7 @@ def test_memory_fsdp_smoke(tmp_path):
     assert "against fsdp2_adamw_g2" in result.stdout
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(120)
 def test_netlink_fsdp_smoke_or_clean_skip(tmp_path):
     """2 namespaces x 2 ranks: FSDP2 hybrid + AdamW's all-reduce and FSDP2 + DistLion's vote cross the veth
@@ -135,6 +138,7 @@ def test_cluster_names_every_bad_number():
         scaling.Cluster(0, 8, 8, -1, 450)
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(60)
 def test_scaling_nodes_smoke(tmp_path):
     scaling.main(["--smoke", "--out", str(tmp_path)])

@@ -31,6 +31,7 @@ def load(out, name: str) -> dict:
     return record
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(180)
 def test_comm_volume_smoke(tmp_path):
     result = run_benchmark("comm_volume", tmp_path, timeout=170)
@@ -46,6 +47,7 @@ def test_comm_volume_smoke(tmp_path):
     assert "DDP fp32 / this" in result.stdout
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(180)
 def test_step_time_smoke(tmp_path):
     result = run_benchmark("step_time", tmp_path, timeout=170)
@@ -60,6 +62,7 @@ def test_step_time_smoke(tmp_path):
     assert "AdamW + DDP / DistLion" in result.stdout
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(180)
 def test_step_breakdown_smoke(tmp_path):
     result = run_benchmark("step_breakdown", tmp_path, timeout=170)
@@ -72,6 +75,7 @@ def test_step_breakdown_smoke(tmp_path):
     assert "distlion:" in result.stdout and "adamw_ddp_phase:" in result.stdout
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(180)
 def test_kernels_smoke(tmp_path):
     out = tmp_path / "kernels.json"
@@ -85,6 +89,7 @@ def test_kernels_smoke(tmp_path):
     assert all(r["seconds"] > 0 for r in rows)
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(60)
 def test_scaling_smoke(tmp_path):
     run_benchmark("scaling", tmp_path, timeout=50)
@@ -103,6 +108,7 @@ def test_scaling_model_ideal_ratios():
     assert scaling.comm_time("distlion_all_gather", 1e9, 64, 100, ideal) == pytest.approx(63 * 1e9 / 8 * 8 / 100e9)
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(240)
 def test_convergence_smoke(tmp_path):
     # Two of the four variants keep CI short; global Lion runs in test_train.py.
@@ -133,6 +139,7 @@ def run_netlink_smoke(out, name: str, *args: str) -> dict | None:
     return load(out, name)
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(180)
 def test_netlink_smoke_or_clean_skip(tmp_path):
     record = run_netlink_smoke(tmp_path, "netlink")
@@ -147,6 +154,7 @@ def test_netlink_smoke_or_clean_skip(tmp_path):
     assert run["ratios"]["phase_adamw_over_distlion_scaled"] > 0
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(180)
 def test_netlink_nodes_smoke_or_clean_skip(tmp_path):
     record = run_netlink_smoke(tmp_path, "netlink-2x2", "--ranks_per_node", "2")
@@ -166,6 +174,7 @@ def test_netlink_nodes_smoke_or_clean_skip(tmp_path):
     assert set(run["targets"]) == {"wire_bytes_adamw_over_node >= 40", "wire_bytes_flat_over_node > 1"}
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(180)
 def test_lion_gap_smoke(tmp_path):
     result = run_benchmark("lion_gap", tmp_path, timeout=170)
@@ -230,6 +239,7 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+@pytest.mark.scripts
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads parent ids from /proc")
 @pytest.mark.timeout(120)
 def test_lion_gap_workers_end_with_their_parent(tmp_path):

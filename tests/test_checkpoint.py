@@ -7,6 +7,8 @@ timeout: a rank that waits for a failed one fails the test instead of hanging it
 import argparse
 import os
 import re
+import signal
+import time
 
 import pytest
 import torch
@@ -163,6 +165,7 @@ def _save_then_load(rank: int, world_size: int, directory: str, broken_rank: int
     return outcome
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt"])
 def test_a_load_failure_on_one_rank_fails_every_rank(tmp_path, damage):
@@ -189,6 +192,7 @@ def _load_own(rank: int, world_size: int, directory: str) -> int:
     return state["distlion"]["rank"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_every_rank_loads_its_own_file(tmp_path):
     assert run_ranks(_load_own, 2, str(tmp_path), timeout=90) == [0, 1]
@@ -233,9 +237,41 @@ def _save_and_load_public(rank: int, world_size: int, directory: str, k: int = 2
     return same, error
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_public_save_and_load_resume_exactly(tmp_path):
     for rank, (same, error) in enumerate(run_ranks(_save_and_load_public, 2, str(tmp_path), timeout=90)):
         assert same
         assert f"No DistLion optimizer state for rank {rank}" in error and "distlion.save(optimizer" in error
     assert find_state_files(str(tmp_path)) == [StateFile(0, 0, 2), StateFile(0, 1, 2)]
+
+
+def _stopped_while_loading(rank: int, world_size: int, directory: str, timeout: float) -> None:
+    """Every rank saves; rank 1 then stops (SIGSTOP) while it reads its file in distlion.load, as a hung or
+    frozen process would. Rank 0 must give up within DistLion(timeout=...), not the process group's 30 minutes."""
+    import distlion
+
+    optimizer = DistLion(torch.nn.Linear(4, 3).parameters(), lr=1e-2, timeout=timeout)
+    distlion.save(optimizer, directory)
+    dist.barrier()
+    if rank == 1:
+        read = torch.load
+
+        def stop_then_read(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return read(*args, **kwargs)
+
+        torch.load = stop_then_read
+    distlion.load(optimizer, directory)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_a_rank_stopped_during_load_fails_the_others_within_the_timeout(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as error:  # not run_ranks' TimeoutError: rank 0 raised by itself
+        run_ranks(_stopped_while_loading, 2, str(tmp_path), 3.0, timeout=60)
+    assert time.monotonic() - start < 60  # the launch returned: the stopped rank was ended with it
+    message = str(error.value)
+    assert "rank 0 failed" in message and "CollectiveError" in message
+    assert "the exchange of the ranks' checkpoint outcomes failed or did not finish within 3 s" in message

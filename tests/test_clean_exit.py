@@ -13,6 +13,8 @@ import pytest
 
 from benchmarks import clean_exit
 
+pytestmark = pytest.mark.scripts
+
 LIMIT = 120  # seconds per launch; a hang fails instead of stalling CI
 
 

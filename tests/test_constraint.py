@@ -121,6 +121,7 @@ def _stats_on_ranks(rank, world_size, ranks_per_node):
     return history, flat
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("ranks_per_node", [1, 2])
 def test_stats_are_identical_on_every_rank(ranks_per_node):
@@ -161,6 +162,7 @@ def _fsdp_stats(rank, world_size, mesh_shape):
     return results
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 def test_fsdp2_stats_equal_those_of_the_full_parameters():
     pytest.importorskip("torch.distributed.fsdp")
@@ -178,6 +180,7 @@ def test_fsdp2_stats_equal_those_of_the_full_parameters():
 
 # ------------------------------------------------------------------------ the trainer
 
+@pytest.mark.scripts
 @pytest.mark.timeout(180)
 def test_trainer_logs_the_box_and_the_report_plots_it(tmp_path):
     """launch.train records constraint_stats at every validation point; launch.report draws a third panel."""

@@ -52,6 +52,7 @@ def _nccl_world_of_one(rank, world_size):
     return _history("cuda", torch.float32)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_nccl_world_size_one_equals_single_process():
     [got] = run_ranks(_nccl_world_of_one, 1, backend="nccl")
@@ -74,6 +75,7 @@ def _gloo_ranks_on_gpu(rank, world_size, vote, exchanges):
     return results
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size, vote", [(3, "majority"), (4, "majority"), (3, "average")])
 def test_gloo_ranks_with_gpu_buckets_match_simulation(world_size, vote):

@@ -23,6 +23,8 @@ from distlion import DistLion  # noqa: E402
 from distlion.deepspeed import CONFIG_PARAMS, _at_stage_zero, distlion_kwargs, initialize  # noqa: E402
 from multiprocess import run_ranks  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 WORLD = 2
 LAUNCH_TIMEOUT = 240  # seconds per launch; a hang fails instead of stalling CI
 PRECISIONS = job.PRECISIONS
@@ -198,6 +200,19 @@ def test_shipped_config_from_launcher_args(trained):
         assert run["args_config"] == run["path"]  # handed back to the caller's args
         assert run["lr"] == 1e-4 and run["allreduce_enabled"] is False and run["steps"] == 1
     assert torch.equal(trained[0]["from_args"]["params"], trained[1]["from_args"]["params"])
+
+
+@pytest.mark.timeout(300)
+def test_zero2_on_one_node_warns_that_ranks_per_node_would_leave_no_vote(trained):
+    """One node: ranks_per_node = its size shards the state but leaves one voter, so the advice is not to set it."""
+    for result in trained:
+        run = result["zero2_one_node"]
+        assert run["ranks_per_node"] == 1
+        (warning,) = run["warnings"]
+        assert f"The {WORLD} ranks are one node" in warning
+        assert "sharded Lion with no vote and no inter-node link to save" in warning
+        assert "Keep ranks_per_node 1 for the 1-bit vote" in warning
+        assert "to shard it within a node" not in warning  # the old advice, which removed the vote
 
 
 @pytest.mark.timeout(300)

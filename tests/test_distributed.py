@@ -12,6 +12,8 @@ from multiprocess import run_ranks
 from rank_checks import assert_every_rank_skipped_step_2, save_and_resume, train
 from simulation import LR, SHAPES, WD, _grads, _params, assert_equal_histories, simulate
 
+pytestmark = pytest.mark.multiprocess
+
 
 def _train(rank, world_size, steps, style, vote, exchange, vote_ema_beta=None):
     history, opt = train(rank, steps, style, vote=vote, exchange=exchange, vote_ema_beta=vote_ema_beta)

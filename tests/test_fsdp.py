@@ -21,6 +21,8 @@ from simulation import BETAS, LR, SHAPES, WD, _grads, _params, assert_equal_hist
 
 pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed")
 
+pytestmark = pytest.mark.multiprocess
+
 STEPS = 4
 STYLE = "nonzero"
 VOTES = [("majority", "two_phase", None), ("average", "all_gather", 0.9)]
@@ -246,7 +248,7 @@ def _scenarios(rank, world_size, mesh_shape, bf16, directory=None):
 
     default_piece, local_shards.PIECE = local_shards.PIECE, 64  # stage the shards 64 coordinates at a time
     history, _, opt = _train(rank, mesh, "average", "all_gather", 0.9)
-    results["pieces"] = history, len(opt._staging.pieces[0])
+    results["pieces"] = history, len(opt.layout.staging.pieces[0])
     local_shards.PIECE = default_piece
     if bf16:
         from torch.distributed.fsdp import MixedPrecisionPolicy

@@ -24,9 +24,9 @@ def _backends(split_threads: bool = False) -> list:
     """Every registered backend, as (name, threads); with ``split_threads`` the C one on 1 and on 3 threads."""
     params = []
     for name in BACKENDS:
-        marks = []
+        marks = [pytest.mark.slow] if name == "triton_kernels" else []  # tier: interpreted on CPU, slow
         if name == "triton_kernels" and os.environ.get("TRITON_INTERPRET") != "1":
-            marks = [pytest.mark.skip(reason="Triton runs on CPU tensors under TRITON_INTERPRET=1 only")]
+            marks.append(pytest.mark.skip(reason="Triton runs on CPU tensors under TRITON_INTERPRET=1 only"))
         for threads in ([1, 3] if split_threads and name == "cpu_native" else [None]):
             test_id = name if threads is None else f"{name}-{threads}thread" + "s" * (threads > 1)
             params.append(pytest.param(name, threads, id=test_id, marks=marks))
@@ -340,6 +340,7 @@ def test_cpu_tensors_use_the_compiled_kernels():
     assert kernels_for("cpu") is cpu_native
 
 
+@pytest.mark.multiprocess
 def test_without_a_compiler_the_torch_kernels_take_over(tmp_path):
     code = ("import logging, torch; logging.basicConfig();"
             "from distlion.kernels import kernels_for, torch_fast;"

@@ -26,6 +26,8 @@ from distlion import DistLion  # noqa: E402
 from distlion.checkpoint import state_file_name  # noqa: E402
 from distlion.lightning import LOGGED_STATS, DistLionStrategy, comm_logs, state_directory  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 JOB = ROOT / "tests" / "lightning_job.py"
 WORLD = job.WORLD
 STEPS = job.EPOCHS * job.STEPS_PER_EPOCH

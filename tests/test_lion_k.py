@@ -166,6 +166,7 @@ def test_one_rank_matches_the_reference(rule):
     _check([_run(0, 1, 6, "random", combos)], 1, 6, "random")
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_match_the_reference_and_stay_identical(world_size):
@@ -185,6 +186,7 @@ def test_ranks_match_the_reference_and_stay_identical(world_size):
         assert stats["bytes_sent"] == 4 * per_step
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(200)
 def test_a_node_of_two_ranks_matches_the_reference():
     """ranks_per_node=2: the node's mean gradient, each rank thresholds and packs its chunk."""
@@ -198,7 +200,7 @@ def test_sign_is_todays_distlion_bit_for_bit():
         expected = simulate(1, 5, "ties", vote=vote)
         params = _params()
         opt = DistLion(params, lr=LR, betas=BETAS, weight_decay=WD, vote=vote, k="sign")
-        assert opt.vote_rule.planes == 1 and opt._buffers[0].bits.numel() == opt.layout.buckets[0].padded_numel // 8
+        assert opt.vote_rule.planes == 1 and opt.layout.states[0].bits.numel() == opt.layout.buckets[0].padded_numel // 8
         for step in range(1, 6):
             for p, g in zip(params, _grads(0, step, "ties")):
                 p.grad = g
@@ -206,6 +208,7 @@ def test_sign_is_todays_distlion_bit_for_bit():
             assert all(torch.equal(a, b) for a, b in zip(params, expected[step - 1]))
 
 
+@pytest.mark.multiprocess
 def test_fsdp2_parameters_are_refused_with_a_ternary_rule():
     pytest.importorskip("torch.distributed.tensor")
     run_ranks(_fsdp_refused, 2, timeout=120)

@@ -17,7 +17,7 @@ EVERY, STEPS = 3, 7  # syncs after steps 3 and 6
 
 
 def _momenta(opt: DistLion) -> torch.Tensor:
-    return torch.cat([buffers.momentum.clone() for buffers in opt._buffers])
+    return torch.cat([momentum.clone() for momentum in opt.layout.momenta()])
 
 
 def _run(rank: int, world_size: int, every: int | None, ranks_per_node: int) -> dict:
@@ -34,6 +34,7 @@ def _run(rank: int, world_size: int, every: int | None, ranks_per_node: int) -> 
     return {"momenta": after, "params": history, "bytes": opt.comm_stats.as_dict(), "chunk": _momenta(opt).numel()}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world_size, ranks_per_node", [(3, 1), (4, 2)])
 def test_momentum_sync_averages_every_k_steps_and_nothing_else(world_size, ranks_per_node):

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from distlion import DistLion
+from distlion.agreement import SUMMARY_BYTES
 from distlion.topology import resolve_ranks_per_node
 from multiprocess import run_ranks
 from rank_checks import assert_every_rank_skipped_step_2, save_and_resume, train
@@ -42,6 +43,7 @@ def _check_against_simulation(world_size, ranks_per_node, combos):
     return results
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_two_nodes_of_two_match_the_node_simulation():
     combos = [(style, vote, exchange, beta, 2) for style in ("dyadic", "ties") for vote in ("majority", "average")
@@ -57,6 +59,7 @@ def test_two_nodes_of_two_match_the_node_simulation():
         assert sum(shares) == numel and max(shares) <= padded // 2
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_three_nodes_of_two_match_the_node_simulation():
     combos = [("dyadic", "majority", "two_phase", None, 2), ("dyadic", "average", "all_gather", None, 2),
@@ -64,6 +67,7 @@ def test_three_nodes_of_two_match_the_node_simulation():
     _check_against_simulation(6, 2, combos)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_one_node_of_four_is_lion_with_sharded_state():
     combos = [("dyadic", "majority", "auto", None, 4), ("dyadic", "majority", "auto", 0.9, 4)]
@@ -77,6 +81,7 @@ def test_one_node_of_four_is_lion_with_sharded_state():
         assert stats.intra_node_bytes_sent > 0
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_one_rank_per_node_is_the_flat_vote():
     combos = [(style, "majority", "two_phase", None, 1) for style in ("random", "ties")]
@@ -88,6 +93,7 @@ def _many_buckets(rank, world_size):
     return history, [bucket.numel for bucket in opt.layout.buckets]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_many_buckets_through_two_staging_buffers_match_the_simulation():
     results = run_ranks(_many_buckets, 4)
@@ -102,16 +108,17 @@ def _comm_stats(rank, world_size, ranks_per_node):
     return _train(rank, 3, "dyadic", "majority", "auto", None, ranks_per_node)[1]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_comm_stats_split_by_link_class():
     numel = sum(p.numel() for p in _params())
     padded = -(-numel // 256) * 256  # a multiple of 64 * N
     for stats in run_ranks(_comm_stats, 4, 2):
         chunk = padded // 2
-        # two voters: the all-gather exchange of this rank's chunk (plus 8 flag bytes), to the one other node
+        # two voters: the all-gather exchange of this rank's chunk (plus 8 header bytes), to the one other node
         assert stats.inter_node_bytes_sent == 3 * (chunk // 8 + 8)
-        # reduce-scatter of fp32 gradients, all-gather of fp32 parameters, a 1-byte skip flag
-        assert stats.intra_node_bytes_sent == 3 * (chunk * 4 + chunk * 4 + 1)
+        # reduce-scatter of fp32 gradients, all-gather of fp32 parameters, the step's agreement (skip, digest)
+        assert stats.intra_node_bytes_sent == 3 * (chunk * 4 + chunk * 4 + SUMMARY_BYTES)
         assert stats.bytes_sent == stats.inter_node_bytes_sent + stats.intra_node_bytes_sent
         assert stats.allreduce_fp32_node_bytes == 3 * (2 * 3 * 4 * numel // 4)
         assert stats.ranks_per_node == 2
@@ -129,6 +136,7 @@ def _large_model_compression(rank, world_size, ranks_per_node):
     return opt.comm_stats.compression
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_two_by_two_sends_about_48x_fewer_inter_node_bytes():
     # per node across its boundary: DDP's ring 2(N-1)/N * 32 bits, the vote 2(M-1)/M bits per parameter
@@ -152,6 +160,7 @@ def _nonfinite_on_one_rank(rank, world_size):
     return snapshots, opt.comm_stats.skipped_steps
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_nonfinite_gradient_on_one_rank_makes_every_rank_of_every_node_skip():
     assert_every_rank_skipped_step_2(run_ranks(_nonfinite_on_one_rank, 4))
@@ -170,6 +179,7 @@ def _save_resume(rank, world_size, k):
     return params_equal and state_equal, error
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_exact_resume_and_topology_mismatch_error():
     for same, error in run_ranks(_save_resume, 4, 3):
@@ -182,12 +192,14 @@ def _bad_ranks_per_node(rank, world_size, per_rank):
     DistLion(_params(), ranks_per_node=per_rank[rank])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_ranks_per_node_that_does_not_divide_is_an_error_on_every_rank():
     with pytest.raises(RuntimeError, match="ranks_per_node=4 does not divide the world size 6"):
         run_ranks(_bad_ranks_per_node, 6, [4] * 6, timeout=60)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_ranks_per_node_that_differs_between_ranks_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError) as error:
@@ -210,6 +222,7 @@ def _explicit_groups(rank, world_size):
     return [p.detach().clone() for p in params], opt.ranks_per_node, opt.rank
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_explicit_node_and_vote_groups():
     expected = simulate(4, STEPS, "dyadic", ranks_per_node=2)[-1]
@@ -223,6 +236,7 @@ def _auto(rank, world_size, local_world_size):
     return DistLion(_params()).ranks_per_node
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_auto_takes_the_local_world_size_when_the_job_spans_nodes():
     assert run_ranks(_auto, 4, 2) == [2] * 4

@@ -249,7 +249,7 @@ def test_moving_parameters_after_construction_keeps_state():
     _train(reference, reference_opt, batch)
     for a, b in zip(reference.parameters(), model.parameters()):
         assert torch.equal(a, b)  # momentum was carried over
-    flat = opt._buffers[0].params
+    flat = opt.layout.states[0].values
     assert flat.data_ptr() <= model[3].weight.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
 
 
@@ -267,7 +267,7 @@ def test_state_loaded_after_parameters_were_replaced_is_applied_at_the_next_step
         param.data = param.data.clone()
     fresh_opt.load_state_dict(saved)  # ...the optimizer state is loaded...
     fresh.load_state_dict(model.state_dict())  # ...then the weights, into the moved parameters
-    flat = fresh_opt._buffers[0].params
+    flat = fresh_opt.layout.states[0].values
     end = flat.data_ptr() + flat.numel() * flat.element_size()
     assert not any(flat.data_ptr() <= p.data_ptr() < end for p in fresh.parameters())  # none in the bucket
     _train(fresh, fresh_opt, batches[4:])

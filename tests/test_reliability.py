@@ -114,6 +114,7 @@ def _different_initial_values(rank, world_size, ranks_per_node):
     return [p.detach().clone() for p in params]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("ranks_per_node", [1, 2])
 def test_initial_parameters_are_rank_zeros_on_every_rank(ranks_per_node):
@@ -133,6 +134,7 @@ def _killed_mid_training(rank, world_size, ranks_per_node):
         opt.step()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size, ranks_per_node", [(3, 1), (4, 2)], ids=["flat", "nodes"])
 def test_a_killed_rank_makes_the_survivors_fail_with_a_clear_message(world_size, ranks_per_node):
@@ -155,6 +157,7 @@ def _uneven_steps(rank, world_size):
         time.sleep(30)  # rank 1 goes on to other work; rank 0 waits in its extra step
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_uneven_steps_time_out_with_the_likely_cause():
     with pytest.raises(RuntimeError) as error:
@@ -185,6 +188,7 @@ def _freeze_and_unfreeze(rank, world_size):
     return snapshots
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_requires_grad_changed_after_construction_behaves_like_torch_optim():
     initial = [p.detach() for p in _params()]
@@ -221,9 +225,28 @@ def _one_rank_moves_its_parameters(rank, world_size, move):
     return [p.detach().clone() for p in params]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_one_rank_moving_its_parameters_re_lays_out_alone():
     moved = run_ranks(_one_rank_moves_its_parameters, 2, True)
     still = run_ranks(_one_rank_moves_its_parameters, 2, False)
     for params in moved:
         assert all(torch.equal(a, b) for a, b in zip(params, still[0]))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout, ranks", [("flat", 2), ("nodes", 4), ("fsdp", 4)])
+def test_a_rank_that_raises_exits_and_the_launcher_returns(layout, ranks):
+    import sys
+
+    from launchers import free_port, run_bounded
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "tests/uneven_job.py",
+               "--layout", layout]
+    start = time.monotonic()
+    result = run_bounded(command, env, timeout=100)  # the other ranks stay alive 120 s: rank 0 must end it
+    assert result.returncode != 0 and "CollectiveError" in result.stderr and "within 5 s" in result.stderr
+    assert time.monotonic() - start < 100

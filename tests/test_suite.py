@@ -9,6 +9,7 @@ from benchmarks import suite
 from test_benchmarks import load, run_benchmark
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(120)
 def test_suite_smoke(tmp_path):
     result = run_benchmark("suite", tmp_path, timeout=110)

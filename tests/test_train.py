@@ -40,6 +40,7 @@ def _check_run(metrics: dict, world_size: int) -> None:
     assert metrics["step_time_s"] > 0 and metrics["wall_time_s"] > 0
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(240)
 def test_torchrun_two_ranks_distlion_vs_adamw(two_rank_runs):
     lion, adamw = two_rank_runs["distlion"], two_rank_runs["adamw"]
@@ -54,6 +55,7 @@ def test_torchrun_two_ranks_distlion_vs_adamw(two_rank_runs):
     assert lion["history"][0]["val_loss"] == adamw["history"][0]["val_loss"]
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(240)
 def test_torchrun_two_ranks_global_lion(two_rank_runs):
     lion, adamw = two_rank_runs["lion"], two_rank_runs["adamw"]
@@ -62,6 +64,7 @@ def test_torchrun_two_ranks_global_lion(two_rank_runs):
     assert lion["comm_stats"]["bytes_sent"] == 0  # the Lion step itself exchanges nothing
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(300)
 def test_torchrun_fsdp_two_nodes_of_two(tmp_path):
     """--fsdp on 4 ranks as 2 x 2: DistLion over FSDP2 against FSDP2's hybrid sharding with AdamW."""
@@ -78,6 +81,7 @@ def test_torchrun_fsdp_two_nodes_of_two(tmp_path):
     assert lion["history"][0]["val_loss"] == runs["adamw"]["history"][0]["val_loss"]
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(240)
 def test_accelerate_launch_matches_torchrun(two_rank_runs, tmp_path):
     """Under `accelerate launch` (distlion.accelerate.prepare, a sharded DataLoader) DistLion
@@ -99,6 +103,7 @@ def test_accelerate_launch_matches_torchrun(two_rank_runs, tmp_path):
     assert metrics["bytes_sent"] == torchrun["bytes_sent"]
 
 
+@pytest.mark.scripts
 @pytest.mark.timeout(120)
 def test_single_process(tmp_path):
     out = tmp_path / "single"
@@ -195,6 +200,7 @@ print("never reached")
 """
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_exit_worker_flushes_and_keeps_the_exit_status(tmp_path):
     """exit_worker skips the interpreter teardown, so it must flush what was printed itself."""

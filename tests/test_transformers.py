@@ -27,6 +27,8 @@ from distlion import DistLion  # noqa: E402
 from distlion.checkpoint import state_file_name  # noqa: E402
 from distlion.transformers import LOGGED_STATS, comm_logs  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 JOB = ROOT / "tests" / "transformers_job.py"
 WORLD = 2
 LAUNCH_TIMEOUT = 240  # seconds per launch

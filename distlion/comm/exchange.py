@@ -2,14 +2,14 @@
 
 Every exchange takes a bucket through three calls, in bucket order at each stage:
 
-- ``start`` takes this rank's packed bits of the bucket and a one-byte non-finite flag
-  and launches the first collective without waiting, so the caller packs the next
-  bucket while these bytes travel.
+- ``start`` takes this rank's packed bits of the bucket and its ``FLAG_BYTES`` header
+  bytes (flags and a digest, ``distlion.agreement``) and launches the first collective
+  without waiting, so the caller packs the next bucket while these bytes travel.
 - ``vote`` waits for it, calls the vote on the packed bits gathered (the vote itself
   is a kernel, passed in, so this module only moves bytes), launches whatever
-  collective remains without waiting, and returns the flag OR-ed over all ranks. The
-  flag rides in the first collective, so agreeing on a skip costs no extra round trip,
-  and every rank knows whether to skip the step before any voted bit has come back.
+  collective remains without waiting, and returns every voter's header. The headers
+  ride in the first collective, so agreeing on a skip costs no extra round trip, and
+  every rank knows whether to skip the step before any voted bit has come back.
 - ``finish`` waits for the rest and returns the voted bit-planes of the whole bucket,
   so the caller applies bucket i while the votes of bucket i+1 travel.
 
@@ -31,7 +31,7 @@ from torch import Tensor
 from distlion.comm.flat import all_gather_flat, wait_for
 from distlion.comm.stats import CommStats
 
-# Bytes appended to each message for the non-finite flag: 8 keep int64 alignment.
+# Bytes appended to each message for the header (flags and a digest): 8 keep int64 alignment.
 FLAG_BYTES = 8
 
 VoteFn = Callable[[Tensor, Tensor], None]  # (packed [N, C], out planes [P, C]) -> None
@@ -40,12 +40,13 @@ VoteFn = Callable[[Tensor, Tensor], None]  # (packed [N, C], out planes [P, C]) 
 class SignExchange(Protocol):
     stats: CommStats
 
-    def start(self, bucket: int, local_bits: Tensor, nonfinite: Tensor) -> None:
-        """Launch the exchange of ``bucket``; leave ``local_bits`` unchanged until ``vote``."""
+    def start(self, bucket: int, local_bits: Tensor, header: Tensor) -> None:
+        """Launch the exchange of ``bucket`` with this rank's ``header`` (uint8 [FLAG_BYTES]); leave
+        ``local_bits`` unchanged until ``vote``."""
         ...
 
     def vote(self, bucket: int, vote: VoteFn) -> Tensor:
-        """Vote on ``bucket``'s gathered bits; return the non-finite flag of any rank as a 0-dim bool."""
+        """Vote on ``bucket``'s gathered bits; return every voter's header, uint8 [voters, FLAG_BYTES]."""
         ...
 
     def finish(self, bucket: int) -> Tensor:
@@ -68,13 +69,13 @@ class LocalExchange:
         self._voted = [torch.empty(planes, n, dtype=torch.uint8, device=device) for n in bucket_bytes]
         self._started: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def start(self, bucket, local_bits, nonfinite):
-        self._started[bucket] = (local_bits, nonfinite)
+    def start(self, bucket, local_bits, header):
+        self._started[bucket] = (local_bits, header)
 
     def vote(self, bucket, vote):
-        local_bits, nonfinite = self._started.pop(bucket)
+        local_bits, header = self._started.pop(bucket)
         vote(local_bits.view(1, -1), self._voted[bucket])
-        return nonfinite.bool()
+        return header.view(1, -1)
 
     def finish(self, bucket):
         return self._voted[bucket]
@@ -117,12 +118,12 @@ class TwoPhaseExchange(_Collective):
             self._chunk_vote.append(torch.empty(planes, chunk, dtype=torch.uint8, device=t))
             self._gathered.append(torch.empty(n, planes, chunk, dtype=torch.uint8, device=t))
 
-    def start(self, bucket, local_bits, nonfinite):
+    def start(self, bucket, local_bits, header):
         n = self.world_size
         send, recv = self._send[bucket], self._recv[bucket]
         chunk = self._packed[bucket].shape[1]
         send[:, :chunk].copy_(local_bits.view(n, chunk))
-        send[:, chunk].copy_(nonfinite)
+        send[:, chunk:].copy_(header)
         self._pending[bucket] = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
 
     def vote(self, bucket, vote):
@@ -133,7 +134,7 @@ class TwoPhaseExchange(_Collective):
         vote(packed, self._chunk_vote[bucket])
         self._pending[bucket] = all_gather_flat(self._gathered[bucket], self._chunk_vote[bucket], self.group,
                                                  async_op=True)
-        return recv[:, chunk].to(self.device).any()
+        return recv[:, chunk:].to(self.device)
 
     def finish(self, bucket):
         n = self.world_size
@@ -161,11 +162,11 @@ class AllGatherExchange(_Collective):
             self._gathered.append(torch.empty(n, nbytes + FLAG_BYTES, dtype=torch.uint8, device=t))
             self._packed.append(torch.empty(n, nbytes, dtype=torch.uint8, device=t))
 
-    def start(self, bucket, local_bits, nonfinite):
+    def start(self, bucket, local_bits, header):
         send = self._send[bucket]
         nbytes = self._packed[bucket].shape[1]
         send[:nbytes].copy_(local_bits)
-        send[nbytes].copy_(nonfinite)
+        send[nbytes:].copy_(header)
         self._pending[bucket] = all_gather_flat(self._gathered[bucket], send, self.group, async_op=True)
 
     def vote(self, bucket, vote):
@@ -179,7 +180,7 @@ class AllGatherExchange(_Collective):
         if self._vote_out[bucket] is not voted:
             voted.copy_(self._vote_out[bucket])
         self._count(sent=(n - 1) * (nbytes + FLAG_BYTES), received=(n - 1) * (nbytes + FLAG_BYTES))
-        return gathered[:, nbytes].to(self.device).any()
+        return gathered[:, nbytes:].to(self.device)
 
     def finish(self, bucket):
         return self._voted[bucket]  # one collective: the votes were complete in ``vote``

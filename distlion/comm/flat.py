@@ -20,6 +20,9 @@ from __future__ import annotations
 import atexit
 import collections
 import ctypes
+import logging
+import os
+import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -42,6 +45,8 @@ def flag_device(group: Any) -> torch.device:
 # of about its input's size until it is freed.
 KEEP_FINISHED = 4
 _finished: collections.deque = collections.deque(maxlen=KEEP_FINISHED)
+# Seconds between two looks at a polled work's completion (``wait_for(poll=True)``).
+POLL_S = 0.0002
 # Seconds the interpreter gives up the GIL at exit, so that a gloo thread already waiting for it (to
 # free a work some other code dropped, e.g. a last accelerator.gather) gets it before the teardown.
 EXIT_GIL_YIELD_S = 0.02
@@ -63,19 +68,48 @@ class CollectiveError(RuntimeError):
     """A DistLion collective failed or timed out: the ranks no longer move together."""
 
 
-def wait_for(work: Any, what: str, timeout: timedelta | None) -> None:
+_failed: list[CollectiveError] = []  # the CollectiveErrors raised in this process
+
+
+@atexit.register
+def _end_after_failure() -> None:
+    """End a process that exits on an uncaught exception after a DistLion collective failed, at once.
+
+    The timed-out gloo work still waits for a peer that will never send, and the
+    interpreter's teardown would wait for it in turn (until the process group's own
+    timeout, 30 minutes by default), so the launcher would never see this rank exit. The
+    traceback is already printed; the output is flushed and the process ends with status 1.
+    """
+    if _failed and getattr(sys, "last_value", None) is not None:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)
+
+
+def wait_for(work: Any, what: str, timeout: timedelta | None, poll: bool = False) -> None:
     """Wait for ``work`` (an async collective); raise ``CollectiveError`` naming ``what`` and the likely causes.
 
-    ``timeout`` None waits as long as the process group allows (its own timeout). The handle is kept
+    ``timeout`` None waits as long as the process group allows (its own timeout). ``poll``: watch
+    ``is_completed()`` against the timeout instead of passing it to ``wait``, for works whose ``wait``
+    ignores it (gloo's reduce-scatter waits for its peer whatever the timeout). The handle is kept
     (``_finished``), so gloo's worker thread never destroys it (see the module docstring).
     """
     try:
         if timeout is None:
             work.wait()
+        elif poll:
+            deadline = time.monotonic() + timeout.total_seconds()
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("Operation timed out!")
+                time.sleep(POLL_S)
+            work.wait()  # raises the work's own error, if it failed
         else:
             work.wait(timeout)
     except RuntimeError as error:
         limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
+        _failed.append(CollectiveError(what))
         raise CollectiveError(
             f"DistLion: {what} failed or did not finish within {limit}: {error}. Likely causes: another rank "
             f"exited or crashed; the ranks took different numbers of steps (uneven data: give every rank the "

@@ -5,8 +5,9 @@ A node of G ranks votes as one worker (docs/design.md §6). For each bucket:
 - ``reduce_start`` launches the reduce-scatter of this rank's flat gradient without
   waiting; ``reduce_finish`` waits and returns chunk j of the node's mean gradient
   (rank j of the node owns chunk j);
-- ``agree`` ORs a skip flag over the node (one tiny collective per step), so every rank
-  of every node skips together;
+- ``agree`` takes the elementwise MAX of a small int64 vector over the node (one tiny
+  collective per step: the skip flags and the step's digest, ``distlion.agreement``),
+  so every rank of every node skips, or raises, together;
 - ``gather_start`` launches the all-gather of the updated chunk j into the full
   parameter buffer, in place; ``gather_finish`` waits for every bucket's.
 
@@ -37,8 +38,8 @@ class NodeShards(Protocol):
         """Wait for ``bucket``'s reduce-scatter and return the chunk: the mean over the node's ranks."""
         ...
 
-    def agree(self, flag: Tensor) -> Tensor:
-        """Return ``flag`` (0-dim bool) OR-ed over the ranks of the node."""
+    def agree(self, values: Tensor) -> Tensor:
+        """Return ``values`` (an int64 vector) with each entry the MAX over the ranks of the node."""
         ...
 
     def gather_start(self, bucket: int, params: Tensor) -> None:
@@ -61,8 +62,8 @@ class LocalNode:
     def reduce_finish(self, bucket):
         raise RuntimeError("a node of one rank has no gradient to reduce")
 
-    def agree(self, flag):
-        return flag
+    def agree(self, values):
+        return values
 
     def gather_start(self, bucket, params):
         pass
@@ -83,7 +84,7 @@ class NodeCollectives:
         self._reducing: dict[int, tuple[Any, Tensor]] = {}
         self._gathering: list[Any] = []
         self._device = flag_device(group)
-        self._flag = torch.zeros(1, dtype=torch.uint8, device=self._device)
+        self._polled = dist.get_backend(group) == "gloo"  # gloo's reduce-scatter wait ignores a timeout
 
     def reduce_start(self, bucket, flat_grads, chunk_out):
         work = reduce_scatter_flat(chunk_out, flat_grads, self.group, async_op=True)
@@ -93,15 +94,16 @@ class NodeCollectives:
 
     def reduce_finish(self, bucket):
         work, chunk = self._reducing.pop(bucket)
-        wait_for(work, f"the node's reduce-scatter of bucket {bucket}", self.timeout)
+        wait_for(work, f"the node's reduce-scatter of bucket {bucket}", self.timeout, poll=self._polled)
         return chunk.div_(self.ranks_per_node)  # the sum over the node's ranks -> their mean
 
-    def agree(self, flag):
-        self._flag.copy_(flag.reshape(1))
-        wait_for(dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+    def agree(self, values):
+        wire = values.to(self._device, copy=True)
+        wait_for(dist.all_reduce(wire, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
                  "the node's agreement on a skip", self.timeout)
-        self.stats.count_intra_node(sent=self.ranks_per_node - 1, received=self.ranks_per_node - 1)
-        return self._flag[0].to(flag.device).bool()
+        moved = (self.ranks_per_node - 1) * wire.numel() * wire.element_size()
+        self.stats.count_intra_node(sent=moved, received=moved)
+        return wire.to(values.device)
 
     def gather_start(self, bucket, params):
         mine = chunk_of(params, self.ranks_per_node, self.local_rank)

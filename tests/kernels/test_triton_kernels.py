@@ -43,7 +43,7 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
              torch.float16: torch.int16, torch.uint8: torch.uint8}
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # tier: the interpreter on CPU is slow
 
 
 def dev(tensor: torch.Tensor) -> torch.Tensor:

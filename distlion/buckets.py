@@ -1,4 +1,4 @@
-"""Flat bucket layout: where every parameter lives in the padded flat buffers.
+"""Flat buckets: where every parameter lives in the padded flat buffers (the plan a layout allocates).
 
 Built once, at construction, from the param groups. A bucket never spans two param
 groups, dtypes or devices, so one lr / weight decay / betas applies to a whole bucket
