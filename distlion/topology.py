@@ -180,12 +180,7 @@ def resolve(options: Any, group: Any, params: list, agree: Any) -> NodeTopology:
         agree([group, node_group], topology.world_size, topology.ranks_per_node)
         return topology
     if group is None:
-        launched = os.environ.get("WORLD_SIZE", "1")
-        if launched.isdigit() and int(launched) > 1:
-            raise ValueError(f"DistLion was built before torch.distributed was initialised, but WORLD_SIZE="
-                             f"{launched} says this is one of {launched} ranks: it would train alone and the "
-                             f"replicas would drift apart. Call dist.init_process_group(...) before building "
-                             f"DistLion (or pass process_group=...).")
+        _check_not_launched_alone()
         if ranks_per_node not in (AUTO, 1):
             raise ValueError(f"ranks_per_node={ranks_per_node!r} needs torch.distributed: initialise the "
                              f"process group first (e.g. launch with torchrun), or use ranks_per_node=1")
@@ -194,3 +189,13 @@ def resolve(options: Any, group: Any, params: list, agree: Any) -> NodeTopology:
     resolved = resolve_ranks_per_node(ranks_per_node, world_size, group is dist.group.WORLD)
     agree([group], world_size, resolved)
     return split_group(group, resolved)
+
+
+def _check_not_launched_alone() -> None:
+    """Raise when a launcher's ``WORLD_SIZE`` says there are other ranks but no process group joins them."""
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > 1:
+        raise ValueError(f"DistLion was built before torch.distributed was initialised, but WORLD_SIZE={launched} "
+                         f"says this is one of {launched} ranks: it would train alone and the replicas would drift "
+                         f"apart. Call dist.init_process_group(...) before building DistLion (or pass "
+                         f"process_group=...).")

@@ -27,13 +27,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lion guidance (Chen et al. 2023): lr 3-10x smaller than AdamW's and weight decay 3-10x
 # larger, because every coordinate of a sign update moves by the full lr. DistLion and
-# global Lion here take the scaled step (vote_ema_beta 0.9, README "The scaled step"):
+# global Lion here take the scaled step (vote_ema_beta 0.9, docs/optimizer.md, "The scaled step"):
 # coordinates whose sign keeps flipping move by ~5% of the lr, so the lr is 2x AdamW's
 # (6e-3) with weight decay 0.3 (3x). beta2 = 0.999 instead of Lion's usual 0.99 (a sweep
 # of the unscaled step, benchmarks/results/lion_sweep-*.json: with 0.99 the best lr ended
 # 7% above AdamW). The embeddings (the token one is also the output layer) take 10x the
 # lr (benchmarks/results/lion_gap-*.json). lr 6e-3 beat 4e-3 and 1e-2, and weight decay
-# 0.3 beat 0.1, on one process (benchmarks/lion_gap.py, README Convergence).
+# 0.3 beat 0.1, on one process (benchmarks/lion_gap.py, benchmarks/RESULTS.md, convergence).
 DEFAULT_HYPERPARAMETERS = {
     "adamw": {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "embedding_lr_scale": 1.0},
     "distlion": {"lr": 6e-3, "weight_decay": 0.3, "betas": (0.9, 0.999), "embedding_lr_scale": 10.0,

@@ -1,7 +1,7 @@
 """Accelerate's FSDP2 plugin with DistLion: 4 CPU processes as 2 nodes of 2, launched by tests/test_accelerate.py.
 
 The script shards the model over each node's ranks itself and votes across the nodes
-(README, "Using DistLion with Accelerate"); the launch takes the FSDP2 settings of
+(docs/accelerate.md); the launch takes the FSDP2 settings of
 ``launch/accelerate/fsdp2_2x8gpu.yaml`` with 4 processes on one machine. The mesh is the
 script's own (``--mesh own``: dims "replicate", "shard") or the one Accelerate builds from
 ``ParallelismConfig(dp_replicate_size=2, dp_shard_size=2)`` (``--mesh accelerate``: dims

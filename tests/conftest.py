@@ -14,8 +14,8 @@ The tiers (registered in pyproject.toml), fastest first:
   user does (``python -m``, ``torchrun``).
 
 A module whose tests share a tier says so once, ``pytestmark = pytest.mark.<tier>``
-(on that line, so that ``-m fast`` can skip importing it, below); otherwise each slow
-test carries its mark. A test with two tier marks is a collection error.
+(on that line, so that ``-m fast`` can skip importing it, below); otherwise each test
+outside ``fast`` carries its own mark. A test with two tier marks is a collection error.
 
     bash tests/run.sh -m fast                         # under 2 minutes on 2 cores
     bash tests/run.sh -m "not fast"                   # everything else

@@ -48,7 +48,7 @@ class CommStats:
     ranks_per_node: int = 1
     gradients_already_averaged: bool = False
 
-    # The figures a training log carries (the adapters' comm_logs).
+    # The figures a training log carries (distlion.integrations.common.comm_metrics).
     LOGGED = ("steps", "skipped_steps", "bytes_sent", "bytes_sent_per_step", "allreduce_fp32_bytes", "compression")
     COUNTERS = ("steps", "skipped_steps", "bytes_sent", "bytes_received", "inter_node_bytes_sent",
                 "inter_node_bytes_received", "intra_node_bytes_sent", "intra_node_bytes_received",

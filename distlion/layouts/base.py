@@ -365,6 +365,11 @@ class Layout:
         return kernels.pack_signs_and_check(state.grads, state.momentum, state.bits, beta1=beta1,
                                             parity=step % 2)
 
+    def _zero_signs(self, state: BucketState) -> Tensor:
+        """Pack zeros and no non-finite flag: a re-layout is asked for (``stale``) and the step is not applied."""
+        state.bits.zero_()
+        return torch.zeros((), dtype=torch.bool, device=state.bits.device)
+
     def _apply_chunk(self, state: BucketState, voted: Tensor, step: int) -> None:
         """New momentum, then the voted step on this rank's chunk of the bucket's values (or its masters)."""
         group = self._group(state)

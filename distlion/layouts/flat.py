@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from distlion.kernels import kernels_for
@@ -18,9 +17,8 @@ class FlatLayout(Layout):
 
     def pack(self, index: int, step: int, grad_scale: Tensor | None) -> Tensor:
         state = self.states[index]
-        if self.stale:  # a re-layout is asked for: send zeros, the step is not applied
-            state.bits.zero_()
-            return torch.zeros((), dtype=torch.bool, device=state.bits.device)
+        if self.stale:
+            return self._zero_signs(state)
         if self._momentum_in_pack(state) and grad_scale is None:
             beta1, beta2 = self._group(state)["betas"]
             return kernels_for(state.bucket.device).pack_grads_and_momentum(

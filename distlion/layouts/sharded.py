@@ -32,9 +32,8 @@ class ShardLayout(Layout):
 
     def pack(self, index: int, step: int, grad_scale: Tensor | None) -> Tensor:
         state = self.states[index]
-        if self.stale:  # a re-layout is asked for: send zeros, the step is not applied
-            state.bits.zero_()
-            return torch.zeros((), dtype=torch.bool, device=state.bits.device)
+        if self.stale:
+            return self._zero_signs(state)
         kernels = kernels_for(state.bucket.device)
         beta1 = self._group(state)["betas"][0]
         grads = self.grads_of(state)
