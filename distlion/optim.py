@@ -221,6 +221,11 @@ class DistLion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._take_step()
+        return loss
+
+    def _take_step(self) -> None:
+        """One step of the stages; after a re-layout asked for by some rank, the same gradients again."""
         relayout = self._layout_changed()  # asked of every rank in the headers, never done alone
         if not relayout:
             self._ensure_layout()  # moved storage only: a rank may re-lay out alone
@@ -259,8 +264,8 @@ class DistLion(torch.optim.Optimizer):
                 exchange.finish(index)  # collect the votes in flight; nothing is applied
         if status["relayout"]:  # first: the settings may differ only because the param groups did
             self._relayout_together()
-            self.step()  # the same gradients, on the new layout
-            return loss
+            self._take_step()  # the same gradients, on the new layout
+            return
         if status["differs"] or status["digest"] != -status["negated_digest"]:
             self._raise_difference(step)
         if watching:
@@ -271,7 +276,7 @@ class DistLion(torch.optim.Optimizer):
         self.overflow = bool(status["nonfinite"])
         if self.overflow:
             self._skips.skipped(step, agreement.flagged(rows, agreement.NONFINITE), layout.nonfinite_here())
-            return loss
+            return
         self._skips.applied()
         # apply each bucket as its votes arrive, while the next bucket's are still travelling; then gather
         for index in buckets:
@@ -282,7 +287,6 @@ class DistLion(torch.optim.Optimizer):
         if self.options.momentum_dtype == torch.float16 and not self._warned_momentum:
             self._check_momentum_range(step)
         self._step = step
-        return loss
 
     def _layout_changed(self) -> bool:
         """True when this rank's parameters changed shape, dtype, order or requires_grad since the layout was
