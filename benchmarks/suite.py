@@ -113,9 +113,13 @@ OPTIMIZERS = {
     "distlion_average": OptimizerSpec("lion", averaged=False, vote="average"),
     "distlion_scaled": OptimizerSpec("scaled", averaged=False, vote_ema_beta=0.9),
     "distlion_2x2": OptimizerSpec("lion", averaged=False, ranks_per_node=2),
-    # candidates to close the vote's gap: momenta averaged every 32 steps (24/32 bits per parameter per
-    # step at N = 4 on top of the vote's 1.5), and Lion-K's ternary rules (2 bits per coordinate)
+    # candidates to close the vote's gap: momenta averaged every K steps (24/K bits per parameter per
+    # step at N = 4 on top of the vote's 1.5; also with nodes), and Lion-K's ternary rules (2 bits per coordinate)
+    "distlion_msync8": OptimizerSpec("lion", averaged=False, momentum_sync_every=8),
+    "distlion_msync16": OptimizerSpec("lion", averaged=False, momentum_sync_every=16),
     "distlion_msync32": OptimizerSpec("lion", averaged=False, momentum_sync_every=32),
+    "distlion_msync64": OptimizerSpec("lion", averaged=False, momentum_sync_every=64),
+    "distlion_2x2_msync32": OptimizerSpec("lion", averaged=False, ranks_per_node=2, momentum_sync_every=32),
     "distlion_dead_zone": OptimizerSpec("lion", averaged=False, k="dead_zone"),
     "distlion_top": OptimizerSpec("lion", averaged=False, k="top"),
 }
