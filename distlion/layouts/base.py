@@ -240,14 +240,14 @@ class Layout:
         """Write ``_whole_values``' tensor back where the parameters live."""
         # the parameters are views of ``values``: nothing to write
 
-    def _node_grads(self, index: int, bucket: Bucket) -> Tensor | None:
+    def _node_grads_of(self, index: int, bucket: Bucket) -> Tensor | None:
         """The whole-bucket buffer the node's reduce-scatter reads (None without nodes)."""
         return None
 
     def _allocate(self, index: int, bucket: Bucket) -> BucketState:
         n, dev = bucket.padded_numel, bucket.device
         chunk = n // self.topology.ranks_per_node
-        node_grads = self._node_grads(index, bucket)
+        node_grads = self._node_grads_of(index, bucket)
         grad_dtype = self.options.reduce_dtype if node_grads is not None else bucket.dtype
         low_precision = bucket.dtype in LOW_PRECISION and self.options.master_weights
         scaled = self.param_groups[bucket.group_index]["vote_ema_beta"] is not None

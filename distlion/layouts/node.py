@@ -2,10 +2,10 @@
 
 Gradients come in through an intra-node reduce-scatter (rank j of the node gets chunk j
 of the node's mean gradient), rank j packs, votes on and applies chunk j only, and the
-updated parameters go out through an intra-node all-gather. Two whole-bucket staging
-buffers per device carry the reduce-scatters: bucket i uses buffer i % 2, so bucket
-i + 2 is gathered while bucket i + 1 is reduced, and the node's gradients take two
-buckets of memory, not the whole model's.
+updated parameters go out through an intra-node all-gather. At most two whole-bucket
+staging buffers per device carry the reduce-scatters: bucket i uses buffer i % 2, so
+bucket i + 2 is gathered while bucket i + 1 is reduced, and the node's gradients take
+two buckets of memory (one with a single bucket), not the whole model's.
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ class NodeLayout(Layout):
     """Rank j of a node of ``ranks_per_node`` ranks reduces, votes on, applies and gathers chunk j."""
 
     def __init__(self, param_groups, plan, options, topology, vote_rule, stats, state, previous=None):
-        largest: dict[torch.device, int] = {}
-        for bucket in plan.buckets:
-            largest[bucket.device] = max(largest.get(bucket.device, 0), bucket.padded_numel)
-        self._staging = {device: [torch.zeros(n, dtype=options.reduce_dtype, device=device)
-                                  for _ in range(IN_FLIGHT)] for device, n in largest.items()}
+        largest: dict[tuple[torch.device, int], int] = {}  # (device, buffer) -> the largest bucket it carries
+        for index, bucket in enumerate(plan.buckets):
+            key = (bucket.device, index % IN_FLIGHT)
+            largest[key] = max(largest.get(key, 0), bucket.padded_numel)
+        self.node_grads = {key: torch.zeros(n, dtype=options.reduce_dtype, device=key[0])
+                           for key, n in largest.items()}
         super().__init__(param_groups, plan, options, topology, vote_rule, stats, state, previous)
 
-    def _node_grads(self, index: int, bucket: Bucket) -> Tensor:
-        return self._staging[bucket.device][index % IN_FLIGHT][:bucket.padded_numel]
+    def _node_grads_of(self, index: int, bucket: Bucket) -> Tensor:
+        return self.node_grads[(bucket.device, index % IN_FLIGHT)][:bucket.padded_numel]
 
     def begin(self, grad_scale: Tensor | None) -> None:
         super().begin(grad_scale)
