@@ -63,13 +63,18 @@ def test_a_setting_changed_on_one_rank_raises_on_every_rank_naming_it(job, field
     assert all(m.startswith(f"RuntimeError at step {step}") for m in messages), messages  # the step it happened
 
 
-def _tensor_lr(rank, world_size):
-    lr = torch.tensor(0.01 if rank == 0 else 0.01003)  # both print as tensor(0.0100)
+def _construction_error(params, **options):
+    """The message of the error building DistLion raised (None: it was built)."""
     try:
-        DistLion(_params(), lr=lr, timeout=30)
+        DistLion(params, timeout=30, **options)
     except RuntimeError as error:
         return str(error)
     return None
+
+
+def _tensor_lr(rank, world_size):
+    lr = torch.tensor(0.01 if rank == 0 else 0.01003)  # both print as tensor(0.0100)
+    return _construction_error(_params(), lr=lr)
 
 
 @pytest.mark.timeout(120)
@@ -84,11 +89,7 @@ def _named_in_another_order(rank, world_size):
     named = list(model.named_parameters())
     if rank == 1:
         named = [named[2], named[1], named[0], named[3]]  # same shapes, another order
-    try:
-        DistLion(named, lr=0.01, timeout=30)
-    except RuntimeError as error:
-        return str(error)
-    return None
+    return _construction_error(named, lr=0.01)
 
 
 @pytest.mark.timeout(120)
@@ -219,3 +220,18 @@ def test_scaler_step_gives_every_rank_the_same_back_off():
     # and the per-step agreement stops the run on every rank instead of letting the replicas drift
     with pytest.raises(RuntimeError, match="settings differ between ranks.*param group 0 lr"):
         run_ranks(_scaler_and_scheduler, 2, False, timeout=120)
+
+
+@pytest.mark.timeout(120)
+def test_built_before_init_process_group_under_torchrun_fails_every_rank_and_the_launch_ends():
+    import os
+    import sys
+
+    from launchers import free_port, run_bounded
+
+    build = "import torch, distlion; distlion.DistLion([torch.nn.Parameter(torch.zeros(3))])"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+               "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--no-python", sys.executable, "-c", build]
+    result = run_bounded(command, {**os.environ, "OMP_NUM_THREADS": "1"}, timeout=90)
+    assert result.returncode != 0
+    assert result.stderr.count("WORLD_SIZE=2 says this is one of 2 ranks") == 2, result.stderr[-2000:]
