@@ -148,12 +148,17 @@ class DistLion(torch.optim.Optimizer):
         """Raise on every rank of ``groups`` if any of them laid out other parameters or nodes, or differs in
         a setting that must match (lr, betas, weight decay, vote, ...): replicas would drift apart. Every
         group is asked before anyone raises, so no rank is left waiting in a later group's check."""
-        layout = self._new_plan(world_size)
-        settings = self.options.agreed_settings(self.param_groups)
-        problems = [disagreement(layout, group, ranks_per_node, settings, self.timeout) for group in groups]
+        self._raise_disagreements(groups, self._new_plan(world_size), ranks_per_node,
+                                  self.options.agreed_settings(self.param_groups))
+
+    def _raise_disagreements(self, groups: list[Any], plan: BucketLayout, ranks_per_node: int,
+                             settings: dict[str, Any], otherwise: str | None = None) -> None:
+        """Raise what differs in ``plan`` or ``settings`` within any of ``groups`` (all asked first); else raise
+        ``otherwise``, when given (a difference seen elsewhere)."""
+        problems = [disagreement(plan, group, ranks_per_node, settings, self.timeout) for group in groups]
         found = [problem for problem in problems if problem is not None]
-        if found:
-            raise RuntimeError("\n".join(found))
+        if found or otherwise:
+            raise RuntimeError("\n".join(found) if found else otherwise)
 
     def _groups(self) -> list[Any]:
         """The process groups this rank shares a vote with: its vote group and its node's."""
@@ -259,15 +264,20 @@ class DistLion(torch.optim.Optimizer):
         summary = agreement.summary(rows, agreement.digest(settings)) if rows else None
         status = dict(zip(agreement.SUMMARY, layout.agree(summary).tolist())) \
             if rows else dict.fromkeys(agreement.SUMMARY, 0)
-        if status["differs"] or status["relayout"] or status["nonfinite"]:
+        differs = status["differs"] or status["digest"] != -status["negated_digest"]  # voters, or a node's ranks
+        if differs or status["relayout"] or status["nonfinite"]:
             for index in buckets:
                 exchange.finish(index)  # collect the votes in flight; nothing is applied
         if status["relayout"]:  # first: the settings may differ only because the param groups did
             self._relayout_together()
             self._take_step()  # the same gradients, on the new layout
             return
-        if status["differs"] or status["digest"] != -status["negated_digest"]:
-            self._raise_difference(step)
+        if differs:
+            self._raise_disagreements(self._groups(), self.layout.plan, self.ranks_per_node,
+                                      {**settings, "layout": self._signature},
+                                      otherwise=f"DistLion: at step {step} the ranks differ in the step, lr, betas, "
+                                                f"weight_decay, vote_ema_beta or layout (seen in another group of "
+                                                f"ranks than this rank's): change them alike on every rank")
         if watching:
             self._averaged_check.end_step(gradients_nonzero)
         self.comm_stats.steps += 1
@@ -298,17 +308,6 @@ class DistLion(torch.optim.Optimizer):
         every rank made the same change (one all_gather per group, never paired with a sign exchange)."""
         self._agree_or_raise(self._groups(), self.world_size, self.ranks_per_node)
         self._ensure_layout(checked=True)
-
-    def _raise_difference(self, step: int) -> None:
-        """Raise on every rank, naming what differs between the ranks at ``step`` and where."""
-        settings = {**agreement.step_settings(step, self.param_groups), "layout": self._signature}
-        problems = [disagreement(self.layout.plan, group, self.ranks_per_node, settings, self.timeout)
-                    for group in self._groups()]
-        found = [problem for problem in problems if problem is not None]
-        raise RuntimeError("\n".join(found) if found else
-                           f"DistLion: at step {step} the ranks differ in the step, lr, betas, weight_decay, "
-                           f"vote_ema_beta or layout (seen in another group of ranks than this rank's): change "
-                           f"them alike on every rank")
 
     def _check_scaled_groups(self) -> None:
         """Raise before any exchange if a group turned vote_ema_beta on after its buffers were built."""
