@@ -150,7 +150,8 @@ class Layout:
 
     def nonfinite_here(self) -> list[str]:
         """This rank's parameters whose values or gradients hold inf or nan, named (or by position and shape)."""
-        names = [name for group in self.param_groups for name in group.get("param_names", [None] * len(group["params"]))]
+        names = [name for group in self.param_groups
+                 for name in group.get("param_names", [None] * len(group["params"]))]
         found = []
         for position, param in enumerate(self.params):
             grad = local_grad(param)
