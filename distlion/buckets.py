@@ -74,6 +74,24 @@ class BucketLayout:
                 f"layout {self.signature()[:12]}")
 
 
+def plan_to_json(plan: BucketLayout) -> dict:
+    """The plan as plain values (a checkpoint's manifest keeps it, so a tool can re-split the state offline)."""
+    return {"num_params": plan.num_params, "buckets": [
+        {"group": b.group_index, "dtype": str(b.dtype).removeprefix("torch."), "numel": b.numel,
+         "slots": [[s.param_index, s.offset, s.numel, list(s.shape)] for s in b.slots]} for b in plan.buckets]}
+
+
+def plan_from_json(data: dict, world_size: int) -> BucketLayout:
+    """``plan_to_json``'s plan, padded for ``world_size`` ranks (as ``build_layout`` pads it)."""
+    buckets = []
+    for entry in data["buckets"]:
+        bucket = Bucket(entry["group"], getattr(torch, entry["dtype"]), torch.device("cpu"))
+        bucket.slots = [Slot(index, offset, numel, torch.Size(shape)) for index, offset, numel, shape in entry["slots"]]
+        bucket.numel = entry["numel"]
+        buckets.append(bucket)
+    return _padded(buckets, world_size, data["num_params"])
+
+
 def build_layout(param_groups: list[dict], world_size: int, bucket_cap_mb: float) -> BucketLayout:
     """Lay out every parameter with ``requires_grad`` into padded buckets, in group order.
 
@@ -84,7 +102,6 @@ def build_layout(param_groups: list[dict], world_size: int, bucket_cap_mb: float
             a bucket of its own.
     """
     cap = max(int(bucket_cap_mb * 2**20 / 4), 1)
-    multiple = COORDS_PER_WORD * world_size
     buckets: list[Bucket] = []
     param_index = 0
     for group_index, group in enumerate(param_groups):
@@ -100,11 +117,28 @@ def build_layout(param_groups: list[dict], world_size: int, bucket_cap_mb: float
                 open_buckets[key] = bucket
                 buckets.append(bucket)
             bucket.add(index, param)
+    return _padded(buckets, world_size, param_index)
+
+
+def _padded(buckets: list[Bucket], world_size: int, num_params: int) -> BucketLayout:
+    """Pad every bucket to a multiple of ``64 * world_size`` coordinates."""
+    multiple = COORDS_PER_WORD * world_size
     for bucket in buckets:
         bucket.padded_numel = -(-max(bucket.numel, 1) // multiple) * multiple
-    return BucketLayout(buckets, world_size, param_index)
+    return BucketLayout(buckets, world_size, num_params)
 
 
 def slot_views(flat: Tensor, bucket: Bucket) -> list[Tensor]:
     """Return views of ``flat`` shaped like each parameter of ``bucket``."""
     return [flat[slot.offset:slot.offset + slot.numel].view(slot.shape) for slot in bucket.slots]
+
+
+def chunk_ranges(bucket: Bucket, chunk_numel: int, part: int) -> list[tuple[int, int, int]]:
+    """Per parameter of ``bucket``: (start, end) of its part in chunk ``part`` (of ``chunk_numel`` coordinates),
+    and where that part starts in the parameter (an empty part for a parameter outside the chunk)."""
+    lo = part * chunk_numel
+    ranges = []
+    for slot in bucket.slots:
+        start, end = max(slot.offset, lo), min(slot.offset + slot.numel, lo + chunk_numel)
+        ranges.append((start - lo, max(start, end) - lo, start - slot.offset))
+    return ranges

@@ -101,6 +101,7 @@ class DistLion(torch.optim.Optimizer):
         self.vote, self.k = opts.vote, opts.k
         self.comm_stats = CommStats()
         self._step = 0
+        self.checkpoint_run: str | None = None  # the id of this run's checkpoints (distlion.checkpoint.files)
         self.overflow = False  # True after a step that every rank skipped
         self._warned_momentum = False  # a float16 momentum's overflow is reported once
         self._pending_tensors: dict | None = None  # loaded before a re-layout, applied by it
@@ -168,6 +169,15 @@ class DistLion(torch.optim.Optimizer):
 
     def _params_in_order(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def steps_taken(self) -> int:
+        """Steps applied so far (skipped steps not counted), as saved and loaded with the state."""
+        return self._step
+
+    def plan_for(self, world_size: int) -> BucketLayout:
+        """The bucket plan of these parameters on ``world_size`` ranks (a saved run's, for a resume)."""
+        return self._new_plan(world_size)
 
     def _new_plan(self, world_size: int | None = None) -> BucketLayout:
         """Lay out the parameters this rank holds (a DTensor's local shard) for ``world_size`` voters."""

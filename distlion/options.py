@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from distlion.checkpoint.elastic import RULES
 from distlion.checks import check_hyperparameters, is_real_number
 from distlion.comm.exchange import EXCHANGES
 from distlion.momentum_sync import check_every
@@ -33,6 +34,7 @@ from distlion.vote import K_RULES, VOTES
 
 EXCHANGE_CHOICES = ("auto", *EXCHANGES)  # "auto": all_gather for 2 voters or fewer, else two_phase
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+TOPOLOGY_CHANGES = (*RULES, "refuse")
 
 
 def _option(default: Any, doc: str, *, json: bool = True, group: bool = False, agreed: bool = True,
@@ -101,6 +103,9 @@ class DistLionOptions:
                                 parse=float)
     momentum_sync_every: Any = _option(None, "K: average the voters' momenta (bf16) every K steps; None: never",
                                        parse=int)
+    on_topology_change: str = _option("mean", "a checkpoint of another topology: how M saved voters' momenta "
+                                              "become M' ('mean', 'modulo', 'mean_deviation'); 'refuse': raise",
+                                      agreed=True, parse=str, choices=TOPOLOGY_CHANGES)
 
     def __post_init__(self):
         check_hyperparameters(self.lr, self.betas, self.weight_decay, self.vote_ema_beta)
@@ -128,6 +133,8 @@ class DistLionOptions:
             raise ValueError(f"Invalid k_fraction: {self.k_fraction!r}; use a number in (0, 1] (k='top' moves that "
                              f"fraction of each bucket's coordinates, those of largest |c|; 1: all)")
         check_every(self.momentum_sync_every)
+        _check_choice("on_topology_change", self.on_topology_change, TOPOLOGY_CHANGES,
+                      "(how a resume on another number of voters maps their momenta; README, Checkpoints)")
         if self.device_mesh is not None and (self.process_group is not None or self.node_group is not None):
             raise ValueError("pass device_mesh or process_group / node_group, not both: device_mesh's "
                              "'replicate' dim is the vote group")

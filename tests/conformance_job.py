@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import distlion
 from distlion import DistLion, unwrap
-from distlion.checkpoint import STATE_FILE_PATTERN, state_file_name
+from distlion.checkpoint import STATE_FILE_PATTERN
 from distlion.worker_exit import exit_worker
 from rank_checks import run_job_phase
 
@@ -126,24 +126,23 @@ def _truncated(folder: str) -> None:
 
 
 def _plain(folder: str) -> None:
-    for path in _state_files(folder):
-        os.remove(path)
+    for name in os.listdir(folder):
+        if name.startswith("distlion_optimizer"):
+            os.remove(os.path.join(folder, name))
 
 
-def _world3(folder: str) -> None:
-    """Every rank's file named as a 3-process run names it (the 2 files reused)."""
-    files = {STATE_FILE_PATTERN.match(os.path.basename(path)).group(2): path for path in _state_files(folder)}
-    for rank in range(3):
-        shutil.copy(files[str(min(rank, WORLD - 1))], os.path.join(folder, state_file_name(rank, 3)))
-    for path in files.values():
-        os.remove(path)
+def _unfinished(folder: str) -> None:
+    """The files of a save whose manifest was never written (a rank died mid-save)."""
+    for name in os.listdir(folder):
+        if name.startswith("distlion_optimizer") and name.endswith("_manifest.json"):
+            os.remove(os.path.join(folder, name))
 
 
 # case -> how a copy of the checkpoint's per-rank files is spoilt
 BAD_CHECKPOINTS: dict[str, Callable[[str], None]] = {
     "truncated": _truncated,         # damaged: every rank's file cut in half
     "without_distlion": _plain,      # foreign: saved without DistLion's files
-    "other_topology": _world3,       # foreign: the files of a run of 3 processes
+    "unfinished": _unfinished,       # a save that did not finish: no manifest
 }
 
 
@@ -273,17 +272,16 @@ class Fsdp2Dcp:
         if resume_from is None:
             recorder = train_plainly(model, optimizer, range(steps), save if save_at_k else None)
         else:
-            dcp.load({"model": model.state_dict(), "optimizer": sharded_state(optimizer)}, checkpoint_id=resume_from)
+            dcp.load({"model": model.state_dict(), "optimizer": sharded_state(optimizer, checkpoint_id=resume_from)},
+                     checkpoint_id=resume_from)
             recorder = train_plainly(model, optimizer, range(SAVE_AT, steps), None)
         params = list(model.parameters())
         record = recorder.run({"momentum": momentum(optimizer, params)}, sum(p.numel() for p in params))
         return record, checkpoint, model, optimizer
 
     def bad_checkpoints(self, good: Checkpoint, folder: str) -> dict[str, str]:
-        """DCP's files truncated; a checkpoint of the model alone; one of a run of 1 replica of 2 shards."""
+        """DCP's files truncated; a checkpoint of the model alone; one whose save did not finish (no metadata)."""
         import torch.distributed.checkpoint as dcp
-
-        from distlion.dcp import sharded_state
 
         paths = {case: os.path.join(folder, case) for case in BAD_CHECKPOINTS}
         if dist.get_rank() == 0:
@@ -292,9 +290,9 @@ class Fsdp2Dcp:
                          if name.endswith(".distcp"))
         _, _, model, _ = self._run(os.path.join(folder, "run"), None, steps=1, save_at_k=False)
         dcp.save({"model": model.state_dict()}, checkpoint_id=paths["without_distlion"])
-        _, _, model, optimizer = self._run(os.path.join(folder, "run"), None, replicas=1, steps=1, save_at_k=False)
-        dcp.save({"model": model.state_dict(), "optimizer": sharded_state(optimizer)},
-                 checkpoint_id=paths["other_topology"])
+        if dist.get_rank() == 0:
+            shutil.copytree(good.root, paths["unfinished"])
+            os.remove(os.path.join(paths["unfinished"], ".metadata"))
         dist.barrier()
         return paths
 

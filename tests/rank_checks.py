@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 from typing import Callable
 
 import torch
@@ -77,16 +78,43 @@ def all_gather_bytes_per_step(numel: int, world_size: int) -> int:
     return (world_size - 1) * (padded // 8 + 8)
 
 
-def assert_resume_errors(resumed: list[dict], world_size: int, state_file: Callable[[int, int], str],
-                         hint: str) -> None:
-    """Each rank of a resume launch failed on a checkpoint without DistLion's files ("plain") and on one of
-    world size 3 ("world3"), with errors naming the file expected, ``hint`` and the world size to relaunch with."""
-    for rank, result in enumerate(resumed):
-        plain, world3 = result["errors"]["plain"], result["errors"]["world3"]
+def saved_state_files(directory: str, world_size: int) -> list[str]:
+    """The DistLion files ``directory`` holds, checked to be exactly one sealed save of ``world_size`` ranks:
+    the manifest's names, by rank (each named for its rank), after the manifest."""
+    from distlion.checkpoint.files import MANIFEST_FILE, Manifest
+
+    manifest = Manifest.read(directory)
+    names = [entry.name for entry in manifest.files]
+    assert manifest.world_size == world_size and all(
+        name.startswith(f"distlion_optimizer0_rank{rank}_of_{world_size}.s") for rank, name in enumerate(names))
+    held = sorted(name for name in os.listdir(directory) if name.startswith("distlion_optimizer"))
+    assert held == sorted([MANIFEST_FILE.format(index=0), *names]), held
+    return names
+
+
+def make_bad_checkpoints(state_dir: str, world3: str, unsealed: str) -> None:
+    """From the DistLion files in ``state_dir``: ``world3``, the same save re-split for 3 ranks (a resume on
+    another topology), and ``unsealed``, its files without the manifest (a save that did not finish)."""
+    from distlion.checkpoint.__main__ import reshard
+
+    reshard(state_dir, world3, 3, 1, "mean", 0)
+    os.makedirs(unsealed, exist_ok=True)
+    for name in os.listdir(state_dir):
+        if name.startswith("distlion_optimizer") and not name.endswith("manifest.json"):
+            shutil.copy(os.path.join(state_dir, name), os.path.join(unsealed, name))
+
+
+def assert_resume_errors(resumed: list[dict], world_size: int, hint: str) -> None:
+    """Each rank of a resume launch failed on a checkpoint without DistLion's files ("plain") and on one whose
+    save did not finish ("unsealed"), with errors naming what is missing and the fix, and resumed from one of
+    world size 3 ("world3") without an error."""
+    for result in resumed:
+        plain, unsealed = result["errors"]["plain"], result["errors"]["unsealed"]
         assert plain.startswith("ValueError: No DistLion optimizer state for rank")
-        assert f"expected {state_file(rank, world_size)}" in plain and hint in plain
-        assert f"saved by a run of world size 3, but this run has world size {world_size}" in world3
-        assert "relaunch with 3 processes" in world3
+        assert "expected distlion_optimizer0_manifest.json" in plain and hint in plain
+        assert "but no manifest distlion_optimizer0_manifest.json: the save that wrote them did not finish" in \
+            unsealed
+        assert "world3" not in result["errors"], result["errors"]["world3"]
 
 
 def run_job_phase(phases: dict[str, Callable[[argparse.Namespace], dict]]) -> None:

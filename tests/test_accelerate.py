@@ -24,11 +24,10 @@ from safetensors.torch import load_file  # noqa: E402  (installed with accelerat
 
 import accelerate_job as job  # noqa: E402
 from launchers import ROOT, accelerate_command, free_port, run_bounded  # noqa: E402
-from rank_checks import all_gather_bytes_per_step  # noqa: E402
+from rank_checks import all_gather_bytes_per_step, saved_state_files  # noqa: E402
 import distlion  # noqa: E402
 import distlion.accelerate  # noqa: E402
 from distlion import DistLion  # noqa: E402
-from distlion.checkpoint import state_file_name  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -128,9 +127,7 @@ def test_save_model_writes_every_weight(trained, out):
 @pytest.mark.timeout(300)
 def test_save_state_writes_every_rank_and_the_whole_model(trained, out):
     ckpt = out / "ckpt"
-    names = [state_file_name(rank, WORLD) for rank in range(WORLD)]
-    assert sorted(p.name for p in ckpt.glob("distlion_*")) == names == [f"distlion_optimizer0_rank{r}_of_{WORLD}.pt"
-                                                                       for r in range(WORLD)]
+    names = saved_state_files(str(ckpt), WORLD)
     # Parameters are views of one bucket; every weight must still be in the file.
     assert sorted(load_file(ckpt / "model.safetensors")) == ["0.bias", "0.weight", "2.bias", "2.weight"]
     for rank in range(WORLD):
@@ -156,7 +153,7 @@ def test_load_state_of_a_directory_saved_without_distlion_fails_clearly(resumed)
     for rank, result in enumerate(resumed):
         (message,) = result["load_errors"]
         assert "saved without distlion" in message
-        assert f"expected {state_file_name(rank, WORLD)}" in message and "optimizer.bin" in message
+        assert "expected distlion_optimizer0_manifest.json" in message and "optimizer.bin" in message
 
 
 @pytest.mark.timeout(300)
@@ -231,7 +228,7 @@ def test_nodes_of_two_ranks_train_identical_replicas_and_resume_bit_for_bit(out)
         assert full["comm"]["ranks_per_node"] == ranks_per_node and full["comm"]["inter_node_bytes_sent"] > 0
     assert sum(result["state_numel"] for result in ranks[:ranks_per_node]) == numel  # node 0 holds it all once
     ckpt = out / "nodes" / "ckpt"
-    assert sorted(p.name for p in ckpt.glob("distlion_*")) == sorted(state_file_name(r, world) for r in range(world))
+    saved_state_files(str(ckpt), world)
 
 
 # ---------------------------------------------------------------- in-process
@@ -362,8 +359,9 @@ def test_deepspeed_plugin_votes_on_local_gradients_and_resumes_bitwise(tmp_path,
         assert record["params_same"] == [True] * 6
         assert record["comm"]["steps"] == 6
         assert record["comm"]["bytes_sent"] == 6 * all_gather_bytes_per_step(record["numel"], WORLD)
-        assert [state_file_name(r, WORLD) for r in range(WORLD)] == [f for f in record["files"]
-                                                                    if f.startswith("distlion_")]
+        saved = [f for f in record["files"] if f.startswith("distlion_optimizer0_rank")]
+        assert [f.split(".")[0] for f in saved] == [f"distlion_optimizer0_rank{r}_of_{WORLD}" for r in range(WORLD)]
+        assert "distlion_optimizer0_manifest.json" in record["files"]
         # load_state after step 3 in fresh objects, steps 4-6 again: bitwise the same parameters
         assert all(torch.equal(a, b) for a, b in zip(record["params"], record["resumed_params"]))
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))

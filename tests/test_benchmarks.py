@@ -124,6 +124,37 @@ def test_convergence_smoke(tmp_path):
     assert "vs AdamW" in result.stdout
 
 
+@pytest.mark.scripts
+@pytest.mark.timeout(90)
+def test_elastic_smoke(tmp_path):
+    # tabular, seed 0, 4x1 -> 2x2, 4 steps: two launches of 4 ranks
+    result = run_benchmark("elastic", tmp_path, timeout=80)
+    record = load(tmp_path, "elastic")
+    rules = ("same", "mean", "modulo", "mean_deviation")
+    assert record["settings"]["changes"] == {"4x1to2x2": {"label": "4x1→2x2", "source": "4x1", "target": "2x2"}}
+    assert record["settings"]["rules"] == list(rules[1:]) and record["settings"]["resume_at"] == 2
+    runs = record["runs"]
+    assert sorted(str((r["kind"], r["topology"], r["rule"])) for r in runs) == sorted(map(str, [
+        ("uninterrupted", "4x1", None), ("uninterrupted", "2x2", None), ("first_half", "4x1", None),
+        ("resume", "4x1", "same")] + [("resume", "2x2", rule) for rule in rules[1:]]))
+    assert all(r["steps_taken"] == (2 if r["kind"] == "first_half" else 4) for r in runs)
+    # the resume on the saved topology is the uninterrupted run, bitwise
+    (check,) = record["same_checks"]
+    assert check["exact"] and check["weights_digest"] and check["momentum_digests"]
+    entry = record["summary"]["tabular"]["4x1to2x2"]
+    assert set(entry["rules"]) == set(rules)
+    assert entry["rules"]["same"]["exact"] and entry["rules"]["same"]["gap_vs_source"] == {"0": 0.0}
+    assert set(entry["rules"]["mean"]) >= {"mean_gap_vs_source", "gap_vs_source", "mean_gap_vs_target",
+                                           "within_source_spread", "within_target_spread"}
+    assert set(record["spreads"]["tabular"]) == {"4x1", "2x2"}
+    assert record["spreads"]["tabular"]["4x1"]["std"] == 0.0  # one seed
+    assert len(record["gaps"]) == len(rules) and set(record["rules_by_mean_abs_gap"]["tabular"]) == set(rules[1:])
+    # each rule maps the momenta its own way: the resumed momenta differ
+    resumed = [tuple(r["momentum_digests"]) for r in runs if r["kind"] == "resume" and r["rule"] != "same"]
+    assert len(set(resumed)) == 3
+    assert "exact" in result.stdout and "mean_deviation" in result.stdout
+
+
 def run_netlink_smoke(out, name: str, *args: str) -> dict | None:
     """Run netlink's smoke mode; check that it removed its namespaces, or skipped saying why and wrote
     nothing; return its record (None when it skipped)."""

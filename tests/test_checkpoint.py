@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import time
+import zlib
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from distlion import DistLion
 from distlion.checkpoint import (StateFile, describe_mismatch, fail_together, find_state_files, load_file,
                                  load_state, save_state, state_file_name)
+from distlion.checkpoint.files import CheckpointError, Manifest, manifest_path
 from multiprocess import run_ranks
 
 FIX = "relaunch with {world_size} ranks"
@@ -28,39 +30,63 @@ def _optimizer(seed: int = 0) -> DistLion:
     return DistLion(torch.nn.Linear(4, 3).parameters(), lr=1e-2)
 
 
-def test_state_file_names_say_which_run_wrote_them():
+def test_state_file_names_say_which_run_and_save_wrote_them():
     assert state_file_name(0, 1) == "distlion_optimizer0_rank0_of_1.pt"
-    assert state_file_name(3, 8, index=2) == "distlion_optimizer2_rank3_of_8.pt"
-    assert StateFile(index=1, rank=2, world_size=4).name == "distlion_optimizer1_rank2_of_4.pt"
+    assert state_file_name(3, 8, index=2, save="s15-0a1b2c3d") == "distlion_optimizer2_rank3_of_8.s15-0a1b2c3d.pt"
+    assert StateFile(index=1, rank=2, world_size=4, save="s1-ff").name == "distlion_optimizer1_rank2_of_4.s1-ff.pt"
 
 
 def test_discovery_lists_state_files_only(tmp_path):
-    for name in (state_file_name(1, 2), state_file_name(0, 2), state_file_name(0, 4, index=1), "optimizer.bin",
-                 "distlion_rank0_of_2.pt", "distlion_optimizer0_rank0_of_2.pt.tmp"):
+    for name in (state_file_name(1, 2, save="s3-ab"), state_file_name(0, 2), state_file_name(0, 4, index=1),
+                 "optimizer.bin", "distlion_rank0_of_2.pt", "distlion_optimizer0_rank0_of_2.pt.tmp",
+                 ".distlion_optimizer0_rank0_of_2.s3-ab.pt.tmp12"):
         (tmp_path / name).write_bytes(b"")
-    assert find_state_files(str(tmp_path)) == [StateFile(0, 0, 2), StateFile(0, 1, 2), StateFile(1, 0, 4)]
+    assert find_state_files(str(tmp_path)) == [StateFile(0, 0, 2), StateFile(0, 1, 2, "s3-ab"), StateFile(1, 0, 4)]
     assert find_state_files(str(tmp_path / "missing")) == []
 
 
-def test_save_and_load_round_trip(tmp_path):
-    optimizer = _optimizer()
-    model_params = [p for g in optimizer.param_groups for p in g["params"]]
-    for p in model_params:
+def _stepped(seed: int = 0) -> DistLion:
+    optimizer = _optimizer(seed)
+    for p in (p for g in optimizer.param_groups for p in g["params"]):
         p.grad = torch.ones_like(p)
     optimizer.step()
+    return optimizer
+
+
+def test_save_and_load_round_trip_through_the_manifest(tmp_path):
+    optimizer = _stepped()
     path = save_state(optimizer.state_dict(), str(tmp_path / "ckpt"), optimizer)
-    assert os.path.basename(path) == "distlion_optimizer0_rank0_of_1.pt"
+    assert re.fullmatch(r"distlion_optimizer0_rank0_of_1\.s1-[0-9a-f]{8}\.pt", os.path.basename(path))
+    manifest = Manifest.read(str(tmp_path / "ckpt"))
+    assert (manifest.step, manifest.world_size, manifest.ranks_per_node, manifest.run) == (1, 1, 1, manifest.save)
+    assert manifest.files[0].name == os.path.basename(path) and manifest.files[0].bytes == os.path.getsize(path)
     state = load_state(str(tmp_path / "ckpt"), optimizer, fix=FIX, missing=MISSING)
     fresh = _optimizer()
     fresh.load_state_dict(state)
     assert fresh.state_dict()["distlion"]["step"] == 1
 
 
+def test_a_second_save_replaces_the_first_and_keeps_the_run(tmp_path):
+    optimizer = _stepped()
+    first = save_state(optimizer.state_dict(), str(tmp_path), optimizer)
+    optimizer.step()
+    second = save_state(optimizer.state_dict(), str(tmp_path), optimizer)
+    manifest = Manifest.read(str(tmp_path))
+    assert not os.path.exists(first) and os.path.exists(second) and manifest.step == 2
+    first_save = re.search(r"\.(s1-[0-9a-f]{8})\.pt$", first).group(1)
+    assert manifest.run == first_save and manifest.save.startswith("s2-")  # the run is named by its first save
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(second), "distlion_optimizer0_manifest.json"])
+    resumed = _optimizer()
+    load_state(str(tmp_path), resumed, fix=FIX, missing=MISSING)
+    assert resumed.checkpoint_run == manifest.run
+
+
 def test_a_wrapper_state_gets_the_topology_section(tmp_path):
     optimizer = _optimizer()
     save_state({"cur_scale": 256.0, "optimizer_state_dict": optimizer.state_dict()}, str(tmp_path), optimizer)
     state = load_state(str(tmp_path), optimizer, fix=FIX, missing=MISSING)
-    assert state["distlion"] == {"world_size": 1, "ranks_per_node": 1, "rank": 0} and state["cur_scale"] == 256.0
+    section = {k: v for k, v in state["distlion"].items() if k not in ("run", "save")}
+    assert section == {"world_size": 1, "ranks_per_node": 1, "rank": 0} and state["cur_scale"] == 256.0
 
 
 def test_mismatch_names_every_field_that_differs():
@@ -72,22 +98,15 @@ def test_mismatch_names_every_field_that_differs():
     assert describe_mismatch({}, {"world_size": 4, "rank": 0}) is None  # nothing recorded, nothing to compare
 
 
-def test_files_of_another_world_size_name_both_sizes_and_the_fix(tmp_path):
+def test_files_without_a_manifest_are_refused_with_the_fix(tmp_path):
     for rank in (0, 1):
         torch.save({"distlion": {"world_size": 2, "rank": rank}}, tmp_path / state_file_name(rank, 2))
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(CheckpointError) as error:
         load_state(str(tmp_path), _optimizer(), fix=FIX, missing=MISSING)
     message = str(error.value)
-    assert "holds DistLion optimizer state of 2 rank(s) (ranks [0, 1]), but this run has 1 process" in message
-    assert "world size 2, but this run has world size 1" in message
-    assert "relaunch with 2 ranks" in message
-
-
-def test_a_file_whose_contents_disagree_with_its_name_is_refused(tmp_path):
-    torch.save({"distlion": {"world_size": 2, "rank": 1}}, tmp_path / state_file_name(0, 1))
-    with pytest.raises(ValueError, match="world size 2 and rank 1, but this run has world size 1 and rank 0. "
-                                         "Momentum is per rank and cannot be re-split: relaunch with 2 ranks"):
-        load_state(str(tmp_path), _optimizer(), fix=FIX, missing=MISSING)
+    assert "holds DistLion state files (distlion_optimizer0_rank0_of_2.pt, distlion_optimizer0_rank1_of_2.pt) but " \
+           "no manifest distlion_optimizer0_manifest.json: the save that wrote them did not finish" in message
+    assert f"python -m distlion.checkpoint seal {tmp_path}" in message
 
 
 def test_a_directory_without_distlion_state_says_what_it_holds(tmp_path):
@@ -95,7 +114,7 @@ def test_a_directory_without_distlion_state_says_what_it_holds(tmp_path):
     with pytest.raises(ValueError) as error:
         load_state(str(tmp_path), _optimizer(), fix=FIX, missing=MISSING)
     message = str(error.value)
-    assert "No DistLion optimizer state for rank 0" in message and "expected distlion_optimizer0_rank0_of_1.pt" \
+    assert "No DistLion optimizer state for rank 0" in message and "expected distlion_optimizer0_manifest.json" \
         in message
     assert "['optimizer.bin']" in message and message.endswith(MISSING)
 
@@ -107,15 +126,30 @@ def _truncate(path: str) -> None:
         handle.write(data[:len(data) // 2])
 
 
-def test_a_truncated_or_foreign_file_is_named_as_such(tmp_path):
-    optimizer = _optimizer()
-    path = save_state(optimizer.state_dict(), str(tmp_path), optimizer)
+def test_a_truncated_altered_or_foreign_file_is_named_as_such(tmp_path):
+    optimizer = _stepped()
+    path = save_state(optimizer.state_dict(), str(tmp_path / "a"), optimizer)
+    original = open(path, "rb").read()
     _truncate(path)
-    with pytest.raises(ValueError, match=re.escape(f"{path} is truncated or not a DistLion checkpoint")):
-        load_state(str(tmp_path), optimizer, fix=FIX, missing=MISSING)
-    torch.save([1, 2], path)  # a torch file, but not one save_state wrote
-    with pytest.raises(ValueError, match=re.escape(f"{path} is not a DistLion checkpoint: it holds a list")):
-        load_state(str(tmp_path), optimizer, fix=FIX, missing=MISSING)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} holds {len(original) // 2} bytes, the manifest says "
+                                                        f"{len(original)}: the file is truncated")):
+        load_state(str(tmp_path / "a"), optimizer, fix=FIX, missing=MISSING)
+    altered = bytearray(original)
+    altered[len(altered) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(altered))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} does not match its checksum in the manifest")):
+        load_state(str(tmp_path / "a"), optimizer, fix=FIX, missing=MISSING)
+    # another run's file under this save's name, with this save's size and checksum in the manifest
+    other = save_state(_stepped(1).state_dict(), str(tmp_path / "b"), optimizer)
+    os.replace(other, path)
+    manifest = Manifest.read(str(tmp_path / "a"))
+    manifest.files[0].bytes, manifest.files[0].crc32 = os.path.getsize(path), zlib.crc32(open(path, "rb").read())
+    open(manifest_path(str(tmp_path / "a")), "w").write(manifest.to_json())
+    with pytest.raises(CheckpointError, match="a file from another run or save was copied in"):
+        load_state(str(tmp_path / "a"), optimizer, fix=FIX, missing=MISSING)
+    os.remove(path)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} is missing, though")):
+        load_state(str(tmp_path / "a"), optimizer, fix=FIX, missing=MISSING)
 
 
 def test_files_are_loaded_weights_only(tmp_path):
@@ -140,10 +174,8 @@ def test_fail_together_without_a_process_group_is_a_plain_call():
 def _save_then_load(rank: int, world_size: int, directory: str, broken_rank: int, damage: str) -> dict:
     """Every rank saves; ``broken_rank``'s file is then removed or corrupted; every rank loads."""
     optimizer = _optimizer()
-    save_state(optimizer.state_dict(), directory, optimizer)
-    dist.barrier()
+    path = save_state(optimizer.state_dict(), directory, optimizer)
     if rank == broken_rank:
-        path = os.path.join(directory, state_file_name(rank, world_size))
         if damage == "missing":
             os.remove(path)
         elif damage == "truncated":
@@ -172,13 +204,11 @@ def test_a_load_failure_on_one_rank_fails_every_rank(tmp_path, damage):
     outcomes = run_ranks(_save_then_load, 3, str(tmp_path), 1, damage, timeout=90)
     assert [o["ranks_after"] for o in outcomes] == [3, 3, 3]
     broken = outcomes[1]
-    assert broken["error"] == "ValueError", broken  # its own error
-    if damage == "missing":
-        assert "holds DistLion optimizer state of ranks [0, 2] of 3 processes, but not" in broken["message"]
-        assert "the checkpoint is incomplete" in broken["message"] and "None" not in broken["message"]
-    else:
-        path = tmp_path / state_file_name(1, 3)
-        assert f"{path} is truncated or not a DistLion checkpoint" in broken["message"]
+    assert broken["error"] == "CheckpointError", broken  # its own error (a ValueError)
+    path = os.path.join(tmp_path, Manifest.read(str(tmp_path)).files[1].name)
+    expected = {"missing": f"{path} is missing, though", "truncated": f"{path} holds ",
+                "corrupt": f"{path} holds 16 bytes, the manifest says"}[damage]
+    assert expected in broken["message"] and "Load a complete copy" in broken["message"], broken
     for rank in (0, 2):
         assert outcomes[rank]["error"] == "RuntimeError", outcomes[rank]
         assert f"rank(s) [1] could not load their checkpoint from {tmp_path}" in outcomes[rank]["message"]
@@ -196,7 +226,8 @@ def _load_own(rank: int, world_size: int, directory: str) -> int:
 @pytest.mark.timeout(120)
 def test_every_rank_loads_its_own_file(tmp_path):
     assert run_ranks(_load_own, 2, str(tmp_path), timeout=90) == [0, 1]
-    assert find_state_files(str(tmp_path)) == [StateFile(0, 0, 2), StateFile(0, 1, 2)]
+    save = Manifest.read(str(tmp_path)).save
+    assert find_state_files(str(tmp_path)) == [StateFile(0, 0, 2, save), StateFile(0, 1, 2, save)]
 
 
 def test_mismatch_names_ranks_per_node():
@@ -243,7 +274,8 @@ def test_public_save_and_load_resume_exactly(tmp_path):
     for rank, (same, error) in enumerate(run_ranks(_save_and_load_public, 2, str(tmp_path), timeout=90)):
         assert same
         assert f"No DistLion optimizer state for rank {rank}" in error and "distlion.save(optimizer" in error
-    assert find_state_files(str(tmp_path)) == [StateFile(0, 0, 2), StateFile(0, 1, 2)]
+    save = Manifest.read(str(tmp_path)).save
+    assert find_state_files(str(tmp_path)) == [StateFile(0, 0, 2, save), StateFile(0, 1, 2, save)]
 
 
 def _stopped_while_loading(rank: int, world_size: int, directory: str, timeout: float) -> None:

@@ -37,13 +37,13 @@ INTEGRATIONS = {"torchrun": (), "accelerate": ("accelerate",), "deepspeed": ("de
                 "transformers": ("transformers", "accelerate"), "lightning": ("lightning",),
                 "fsdp2_dcp": ("torch.distributed.fsdp", "torch.distributed.checkpoint")}
 # what every rank's error must say, per bad checkpoint (job.BAD_CHECKPOINTS)
-REFUSALS = {"truncated": "is truncated or not a DistLion checkpoint",
+REFUSALS = {"truncated": "the file is truncated or was rewritten",
             "without_distlion": "No DistLion optimizer state for rank",
-            "other_topology": f"saved by a run of world size 3, but this run has world size {WORLD}"}
+            "unfinished": "but no manifest distlion_optimizer0_manifest.json: the save that wrote them did not finish"}
 # FSDP2 + DCP: DistLion's state is in DCP's files, and DCP's reader raises (its own words, on every rank)
 DCP_REFUSALS = {"truncated": "your checkpoint file is corrupted",
                 "without_distlion": "Missing key in checkpoint state_dict: optimizer.",
-                "other_topology": "Size mismatch between saved"}
+                "unfinished": ".metadata"}
 XFAIL: dict[tuple[str, str], str] = {}  # (integration, check) -> why it cannot pass
 
 

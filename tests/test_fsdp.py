@@ -13,6 +13,7 @@ import io
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from distlion import DistLion
 from multiprocess import run_ranks
@@ -209,6 +210,31 @@ def _dcp_load_resharded(rank, world_size, mesh_shape, directory):
     return {index: {key: value.full_tensor() for key, value in tensors.items()} for index, tensors in state.items()}
 
 
+def _dcp_load_other_replicas(rank, world_size, mesh_shape, directory, rule):
+    """Load the (2, 2) run's DCP checkpoint on a mesh of another number of replicas, mapped by ``rule``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from distlion.dcp import sharded_state
+
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
+    model = _sharded_model(mesh, dtype=torch.bfloat16)
+    opt = DistLion(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD, vote_ema_beta=0.9, device_mesh=mesh,
+                   on_topology_change=rule)
+    dcp.load({"model": model.state_dict(), "optimizer": sharded_state(opt, checkpoint_id=directory)},
+             checkpoint_id=directory)
+    state = sharded_state(opt).state_dict()["state_by_replica"]
+    loaded = {index: {key: value.full_tensor() for key, value in tensors.items()} for index, tensors in state.items()}
+    for step in range(3):  # the replicas train on and stay identical
+        model([g.to(torch.bfloat16) for g in _grads(rank, step, STYLE)]).backward()
+        opt.step()
+        opt.zero_grad()
+    flat = torch.cat([p.full_tensor().float().reshape(-1) for p in model.parameters()])
+    every = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(every, flat)
+    return loaded, opt._step, all(torch.equal(every[0], x) for x in every)
+
+
 def _replicated(rank, mesh):
     """Replicate() DTensors (not sharded) over one node of two ranks: DistLion's own node sharding applies."""
     from torch.distributed.tensor import DTensor, Replicate
@@ -377,6 +403,27 @@ def test_dcp_resume_is_exact_and_another_number_of_replicas_is_an_error(two_by_t
     for same, _, mismatch in (per_rank["dcp"] for per_rank in two_by_two):
         assert same
         assert mismatch is not None and "Size mismatch" in mismatch and "state_by_replica" in mismatch
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mesh_shape,rule", [((1, 2), "mean"), ((4, 1), "modulo"), ((3, 1), "mean_deviation")])
+def test_dcp_state_loads_on_another_number_of_replicas_by_the_rule(two_by_two, dcp_directory, mesh_shape, rule):
+    """Saved by 2 replicas x 2 shards; loaded by another number of replicas: each row by the rule."""
+    from distlion.checkpoint.elastic import sources
+
+    saved = two_by_two[0]["dcp"][1]
+    replicas = mesh_shape[0]
+    for loaded, step, identical in run_ranks(_dcp_load_other_replicas, replicas * mesh_shape[1], mesh_shape,
+                                             dcp_directory, rule, timeout=150):
+        assert step == 2 + 3 and identical
+        for index, tensors in loaded.items():
+            for key, rows in tensors.items():
+                assert rows.shape[0] == replicas
+                for replica in range(replicas):
+                    chosen = sources(rule, replica, 2, replicas)
+                    source = saved[index][key]
+                    expected = source[chosen].float().mean(0) if key == "exp_avg" else source[chosen[0]]
+                    torch.testing.assert_close(rows[replica].float(), expected.float(), rtol=0, atol=1e-7)
 
 
 @pytest.mark.timeout(200)

@@ -21,9 +21,8 @@ pytest.importorskip("lightning")
 
 import lightning_job as job  # noqa: E402
 from launchers import ROOT, free_port, run_bounded  # noqa: E402
-from rank_checks import all_gather_bytes_per_step, assert_resume_errors  # noqa: E402
+from rank_checks import all_gather_bytes_per_step, assert_resume_errors, make_bad_checkpoints, saved_state_files  # noqa: E402
 from distlion import DistLion  # noqa: E402
-from distlion.checkpoint import state_file_name  # noqa: E402
 from distlion.lightning import LOGGED_STATS, DistLionStrategy, comm_logs, state_directory  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -77,15 +76,14 @@ def resumed(trained, out):
     plain = out / "bad" / "plain" / FIRST
     plain.parent.mkdir(parents=True)
     shutil.copy(checkpoint, plain)
-    # A checkpoint of 3 processes: every rank's file named as a 3-rank run names it.
-    world3 = out / "bad" / "world3" / FIRST
-    os.makedirs(state_directory(world3))
-    shutil.copy(checkpoint, world3)
-    for rank in range(3):
-        shutil.copy(Path(state_directory(checkpoint)) / state_file_name(min(rank, WORLD - 1), WORLD),
-                    Path(state_directory(world3)) / state_file_name(rank, 3))
+    # The same save re-split for 3 processes, and its files without their manifest.
+    world3, unsealed = out / "bad" / "world3" / FIRST, out / "bad" / "unsealed" / FIRST
+    for bad in (world3, unsealed):
+        bad.parent.mkdir(parents=True)
+        shutil.copy(checkpoint, bad)
+    make_bad_checkpoints(state_directory(checkpoint), state_directory(world3), state_directory(unsealed))
     launch("torchrun", out, "--phase", "resume", "--ckpt", str(checkpoint), "--bad-ckpt", str(plain),
-           "--bad-ckpt", str(world3))
+           "--bad-ckpt", str(world3), "--bad-ckpt", str(unsealed))
     return results(out, "resume")
 
 
@@ -172,9 +170,9 @@ def test_checkpoints_hold_every_ranks_optimizer_state(trained, out):
     for step in range(job.STEPS_PER_EPOCH, STEPS + 1, job.STEPS_PER_EPOCH):
         checkpoint = out / "checkpoints" / f"epoch={step // job.STEPS_PER_EPOCH - 1}-step={step}.ckpt"
         directory = Path(state_directory(checkpoint))
-        assert sorted(p.name for p in directory.iterdir()) == [state_file_name(rank, WORLD) for rank in range(WORLD)]
+        names = saved_state_files(str(directory), WORLD)
         for rank in range(WORLD):
-            state = torch.load(directory / state_file_name(rank, WORLD), weights_only=True)
+            state = torch.load(directory / names[rank], weights_only=True)
             assert state["distlion"]["rank"] == rank and state["distlion"]["comm_stats"]["steps"] == step
             assert state["distlion"]["step"] == step - 1  # steps applied: the skipped one is not
         # Lightning's file (rank 0's) keeps the hyperparameters; the momentum is in the per-rank files.
@@ -205,7 +203,7 @@ def test_resume_in_a_fresh_launch_is_bitwise_equal(trained, resumed, out):
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 30)
 def test_resume_without_distlion_files_or_from_another_world_size_fails_on_every_rank(resumed):
-    assert_resume_errors(resumed, WORLD, state_file_name, 'strategy="distlion"')
+    assert_resume_errors(resumed, WORLD, 'strategy="distlion"')
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)

@@ -22,9 +22,8 @@ pytest.importorskip("accelerate")
 
 import transformers_job as job  # noqa: E402
 from launchers import ROOT, accelerate_command, free_port, run_bounded  # noqa: E402
-from rank_checks import all_gather_bytes_per_step, assert_resume_errors  # noqa: E402
+from rank_checks import all_gather_bytes_per_step, assert_resume_errors, make_bad_checkpoints, saved_state_files  # noqa: E402
 from distlion import DistLion  # noqa: E402
-from distlion.checkpoint import state_file_name  # noqa: E402
 from distlion.transformers import LOGGED_STATS, comm_logs  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -77,13 +76,13 @@ def resumed(trained, out):
     # What a plain Trainer (or save_only_model) leaves: the checkpoint without DistLion's files.
     plain = out / "bad" / "plain"
     shutil.copytree(checkpoint, plain, ignore=shutil.ignore_patterns("distlion_*"))
-    # A checkpoint of 3 processes: every rank's file named as a 3-rank run names it.
-    world3 = out / "bad" / "world3"
-    shutil.copytree(checkpoint, world3, ignore=shutil.ignore_patterns("distlion_*"))
-    for rank in range(3):
-        shutil.copy(checkpoint / state_file_name(min(rank, WORLD - 1), WORLD), world3 / state_file_name(rank, 3))
+    # The same save re-split for 3 processes, and its files without their manifest.
+    world3, unsealed = out / "bad" / "world3", out / "bad" / "unsealed"
+    for bad in (world3, unsealed):
+        shutil.copytree(checkpoint, bad, ignore=shutil.ignore_patterns("distlion_*"))
+    make_bad_checkpoints(str(checkpoint), str(world3), str(unsealed))
     launch("accelerate", out, "--phase", "resume", "--ckpt", str(checkpoint), "--bad-ckpt", str(plain),
-           "--bad-ckpt", str(world3))
+           "--bad-ckpt", str(world3), "--bad-ckpt", str(unsealed))
     return results(out, "resume")
 
 
@@ -147,12 +146,11 @@ def test_comm_figures_reach_the_log_history(trained):
 def test_checkpoints_hold_every_ranks_optimizer_state(trained, out):
     for step in (job.SAVE_AT, job.STEPS):
         checkpoint = out / "train_run" / f"checkpoint-{step}"
-        names = sorted(p.name for p in checkpoint.glob("distlion_*"))
-        assert names == [state_file_name(rank, WORLD) for rank in range(WORLD)]
+        names = saved_state_files(str(checkpoint), WORLD)
         assert not (checkpoint / "optimizer.pt").exists()  # rank 0's state alone would be wrong for rank 1
         assert (checkpoint / "scheduler.pt").exists() and (checkpoint / "model.safetensors").exists()
         for rank in range(WORLD):
-            state = torch.load(checkpoint / state_file_name(rank, WORLD), weights_only=True)
+            state = torch.load(checkpoint / names[rank], weights_only=True)
             assert state["distlion"]["rank"] == rank and state["distlion"]["step"] == step
 
 
@@ -170,7 +168,7 @@ def test_resume_in_a_fresh_launch_is_bitwise_equal(trained, resumed):
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 30)
 def test_resume_without_distlion_files_or_from_another_world_size_fails_on_every_rank(resumed):
-    assert_resume_errors(resumed, WORLD, state_file_name, "saved by DistLionTrainer")
+    assert_resume_errors(resumed, WORLD, "saved by DistLionTrainer")
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
@@ -224,8 +222,8 @@ def test_deepspeed_config_reaches_distlion_with_local_gradients_and_resumes_bitw
         assert all(step["params_same"] for step in train["steps"] + resume["steps"])
         assert train["comm"]["steps"] == job.STEPS
         assert train["comm"]["bytes_sent"] == job.STEPS * all_gather_bytes_per_step(train["numel"], WORLD)
-        assert [state_file_name(r, WORLD) for r in range(WORLD)] == [
-            name for name in record[way_in]["saved"] if name.startswith("distlion_")]
+        saved = [name for name in record[way_in]["saved"] if name.startswith("distlion_optimizer0_rank")]
+        assert [name.split(".")[0] for name in saved] == [f"distlion_optimizer0_rank{r}_of_{WORLD}" for r in range(WORLD)]
         assert all(torch.equal(a, b) for a, b in zip(train["params"], resume["params"]))  # bitwise resume
         assert train["log_history"][0]["distlion/bytes_sent_per_step"] == all_gather_bytes_per_step(train["numel"], WORLD)
     assert all(torch.equal(a, b) for a, b in zip(deepspeed_runs[0][way_in]["train"]["params"],

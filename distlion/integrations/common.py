@@ -11,8 +11,7 @@ The integrations (``accelerate``, ``deepspeed``, ``transformers``, ``lightning``
   (``step_with_agreed_skip``);
 - refusing an optimizer built before torch.distributed started (``check_built_distributed``);
 - the communication figures a training log gets (``comm_metrics``);
-- per-rank state files: their names (``STATE_FILE``, ``DCP_DIRECTORY``), discovery,
-  writing, weights-only reading and the topology check;
+- where an FSDP2 job's DCP state goes (``DCP_DIRECTORY``);
 - the state of a DistLion over FSDP2 shards in DCP's format (``ShardedState``), which
   ``distlion.dcp`` offers and Accelerate's FSDP2 ``save_state`` writes;
 - ``fail_together``: a failure on one rank raised on every rank, each wait bounded by the
@@ -28,16 +27,12 @@ Failures, one type per kind:
 - ``RuntimeError``: another rank failed (``fail_together``); this one stops instead of waiting;
 - ``CollectiveError``: a rank did not answer within ``DistLion(timeout=...)``.
 
-Per-rank files are named
-
-    distlion_optimizer{index}_rank{rank}_of_{world_size}.pt
-
-``index`` numbers the job's DistLion optimizers (0 for the first); ``rank`` and
-``world_size`` are the optimizer's own, so a directory listing says which run wrote it. A
-file holds the optimizer's ``state_dict()`` (or its wrapper's) with a ``"distlion"``
-section that records the saving run's topology (``TOPOLOGY_FIELDS``). Files are read with
-``torch.load(weights_only=True)`` (``load_file``): tensors and plain Python values only, so
-a crafted file cannot run code, and a truncated or foreign file is named as such.
+Per-rank files, their manifest, and resuming on another topology are ``distlion.checkpoint``'s
+(``save_state`` and ``load_state`` are re-exported here for the integrations): every rank
+writes ``distlion_optimizer{index}_rank{rank}_of_{world_size}.{save}.pt`` crash-safely, rank
+0 seals the save with ``distlion_optimizer{index}_manifest.json``, and a load reads the
+manifest first. Files are read with ``torch.load(weights_only=True)`` (``load_file``):
+tensors and plain Python values only, so a crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -45,19 +40,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
-import re
 import types
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 
+from distlion.checkpoint.files import STATE_FILE, StateFile, find_state_files, state_file_name
+from distlion.checkpoint.resume import (TOPOLOGY_FIELDS, describe_mismatch, load_file, load_state, save_state,
+                                        topology)
 from distlion.comm import CommStats
 from distlion.comm.flat import CollectiveError, flag_device, wait_for
 from distlion.local_shards import REPLICATE_DIMS, is_sharded
@@ -69,7 +64,7 @@ __all__ = ["CollectiveError", "DCP_DIRECTORY", "LOGGED_STATS", "NotDistLionError
            "StateFile", "UnsupportedSetupError", "check_built_distributed", "comm_metrics", "describe_mismatch",
            "distlion_of", "fail_together", "find_state_files", "keep_gradients_local", "load_file", "load_sharded",
            "load_state", "needs", "owned_parameters", "report_agreed_skips", "save_sharded", "save_state",
-           "shortest_timeout", "state_file_name", "state_file_path", "step_with_agreed_skip", "unwrap"]
+           "shortest_timeout", "state_file_name", "step_with_agreed_skip", "topology", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -242,161 +237,7 @@ def comm_metrics(optimizer: Any, prefix: str = "distlion/") -> dict[str, float]:
 
 # ------------------------------------------------------------------ per-rank state files
 
-STATE_FILE = "distlion_optimizer{index}_rank{rank}_of_{world_size}.pt"
-STATE_FILE_PATTERN = re.compile(r"^distlion_optimizer(\d+)_rank(\d+)_of_(\d+)\.pt$")
 DCP_DIRECTORY = "distlion_optimizer{index}_dcp"  # an FSDP2 job's DistLion state, in DCP's format (distlion.dcp)
-# What a file must share with the run that loads it. Momentum is per rank and cannot be re-split.
-TOPOLOGY_FIELDS = ("world_size", "ranks_per_node", "rank")
-# How torch.load(weights_only=True) names a type it refuses: "GLOBAL argparse.Namespace" (torch < 2.4:
-# "Unsupported class argparse.Namespace").
-REFUSED_GLOBAL = re.compile(r"(?:GLOBAL|Unsupported class) ([\w.]+)")
-# What torch.load raises on a damaged or foreign file (a truncated zip: RuntimeError or OSError).
-UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError)
-
-
-@dataclass(frozen=True)
-class StateFile:
-    """One rank's state file, as its name describes it."""
-
-    index: int
-    rank: int
-    world_size: int
-
-    @property
-    def name(self) -> str:
-        return state_file_name(self.rank, self.world_size, self.index)
-
-
-def state_file_name(rank: int, world_size: int, index: int = 0) -> str:
-    """Return the name of the file that rank ``rank`` of ``world_size`` saves optimizer ``index`` in."""
-    return STATE_FILE.format(index=index, rank=rank, world_size=world_size)
-
-
-def state_file_path(directory: str, optimizer: DistLion, index: int = 0) -> str:
-    """Return where ``optimizer`` (this rank's) keeps its state file in ``directory``."""
-    return os.path.join(directory, state_file_name(optimizer.rank, optimizer.world_size, index))
-
-
-def find_state_files(directory: str) -> list[StateFile]:
-    """Return the per-rank state files in ``directory`` (none when it does not exist), sorted."""
-    names = os.listdir(directory) if os.path.isdir(directory) else []
-    found = [StateFile(*map(int, match.groups())) for match in map(STATE_FILE_PATTERN.match, names) if match]
-    return sorted(found, key=lambda f: (f.index, f.world_size, f.rank))
-
-
-def topology(optimizer: DistLion) -> dict[str, int]:
-    """Return this run's ``TOPOLOGY_FIELDS`` as seen by ``optimizer``."""
-    return {field: getattr(optimizer, field) for field in TOPOLOGY_FIELDS}
-
-
-def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
-    """Name every topology field that differs: ``"world size 2, but this run has world size 3"``, or None."""
-    fields = [field for field in TOPOLOGY_FIELDS if field in saved and saved[field] != current[field]]
-    if not fields:
-        return None
-
-    def values(of: Mapping[str, Any]) -> str:
-        return " and ".join(f"{field.replace('_', ' ')} {of[field]}" for field in fields)
-
-    return f"{values(saved)}, but this run has {values(current)}"
-
-
-def save_state(state: dict, directory: str, optimizer: DistLion, index: int = 0) -> str:
-    """Write this rank's ``state`` (``optimizer.state_dict()`` or its wrapper's) to its file; return the path.
-
-    A wrapper's state (DeepSpeed's fp16/bf16 optimizers) nests DistLion's: the file then
-    gets a ``"distlion"`` section of its own with this run's topology.
-    """
-    if "distlion" not in state:
-        state = {**state, "distlion": topology(optimizer)}
-    os.makedirs(directory, exist_ok=True)
-    path = state_file_path(directory, optimizer, index)
-    torch.save(state, path)
-    return path
-
-
-def load_state(directory: str, optimizer: DistLion, index: int = 0, *, fix: str, missing: str) -> dict:
-    """Read this rank's state file from ``directory`` and check it was saved by a run like this one.
-
-    Args:
-        directory: where ``save_state`` wrote the files.
-        optimizer: this rank's DistLion (its rank and world size pick the file).
-        index: which of the job's DistLion optimizers.
-        fix: what to do when the topology differs; ``{world_size}`` (and any other
-            ``TOPOLOGY_FIELDS``) is replaced by the saved run's value.
-        missing: what to do when the directory holds no DistLion state at all.
-
-    Raises:
-        ValueError: the file is missing, unreadable (``load_file``), not a DistLion
-            checkpoint, or was saved by a run of another topology; the message names what
-            was found, both sides' values and ``fix``.
-    """
-    current = topology(optimizer)
-    path = state_file_path(directory, optimizer, index)
-    name = os.path.basename(path)
-    if os.path.isfile(path):
-        state = load_file(path, kind="DistLion checkpoint")
-        if not isinstance(state, dict) or not isinstance(state.get("distlion"), dict):
-            raise ValueError(f"{path} is not a DistLion checkpoint: it holds a {type(state).__name__} without the "
-                             "\"distlion\" section save_state writes. Point to a directory saved by DistLion.")
-        saved = state["distlion"]
-        mismatch = describe_mismatch(saved, current)
-        if mismatch is not None:
-            raise ValueError(f"{path} was saved by a run of {mismatch}. Momentum is per rank and cannot be "
-                             f"re-split: {fix.format(**{**current, **saved})}.")
-        return state
-    held = [f for f in find_state_files(directory) if f.index == index]
-    if not held:
-        found = sorted(os.listdir(directory)) if os.path.isdir(directory) else "no such directory"
-        raise ValueError(f"No DistLion optimizer state for rank {optimizer.rank} in {directory}: expected {name} "
-                         f"(one file per rank), found {found}. {missing}")
-    # Files of another run: the most common world size there is the saved run's.
-    sizes = [f.world_size for f in held]
-    saved = {"world_size": max(set(sizes), key=lambda size: (sizes.count(size), size))}
-    ranks = sorted({f.rank for f in held if f.world_size == saved["world_size"]})
-    processes = f"{current['world_size']} process{'es' if current['world_size'] != 1 else ''}"
-    mismatch = describe_mismatch(saved, current)
-    if mismatch is None:  # the same world size: this rank's file alone is missing
-        raise ValueError(f"{directory} holds DistLion optimizer state of ranks {ranks} of {processes}, but not "
-                         f"{name}, rank {optimizer.rank}'s: the checkpoint is incomplete (a rank failed while "
-                         f"saving, or the files were copied in part). Load a complete checkpoint.")
-    raise ValueError(f"{directory} holds DistLion optimizer state of {len(ranks)} rank(s) (ranks {ranks}), but "
-                     f"this run has {processes} and rank {optimizer.rank} has no {name}: it was saved by a run of "
-                     f"{mismatch}. Momentum is per rank and cannot be re-split: "
-                     f"{fix.format(**{**current, **saved})}.")
-
-
-def load_file(path: str, *, kind: str, map_location: Any = "cpu") -> Any:
-    """Return ``torch.load(path, weights_only=True)``; raise a ValueError naming ``path`` if that fails.
-
-    ``weights_only`` unpickles tensors and plain Python values only, so a crafted file
-    cannot run code. Types a trusted file needs beyond those are allowed by the caller,
-    around the call: ``with torch.serialization.safe_globals([MyType]): ...``.
-
-    Args:
-        path: the file.
-        kind: what the file should be, for the message ("DistLion checkpoint").
-        map_location: as in ``torch.load``.
-
-    Raises:
-        ValueError: the file holds a type ``weights_only`` refuses (named in the message),
-            or it is truncated or not a ``kind`` at all. A missing or unreadable file
-            raises the ``OSError`` that says so.
-    """
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise  # about the path, not the contents: the error says so itself
-    except UNREADABLE as error:
-        refused = REFUSED_GLOBAL.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
-        if refused is not None:
-            name = refused.group(1)
-            raise ValueError(
-                f"{path} holds a pickled {name}, which torch.load(weights_only=True) refuses: unpickling anything but "
-                "tensors and plain Python values can run code, so the file is not loaded. If you saved that type "
-                f"yourself and trust the file, load inside torch.serialization.safe_globals([{name}]).") from error
-        raise ValueError(f"{path} is truncated or not a {kind} (torch.load raised {type(error).__name__}). "
-                         "Save it again, or load a complete copy.") from error
 
 
 # ------------------------------------------------------------------ sharded state (DCP)
@@ -417,24 +258,33 @@ class ShardedState:
     ``process_group=mesh.get_group("dp_replicate")``).
     """
 
-    def __init__(self, optimizer: Any, mesh: Any = None):
+    def __init__(self, optimizer: Any, mesh: Any = None, checkpoint_id: Any = None, strict: bool | None = None):
         inner = distlion_of(optimizer, "sharded_state")
         self.optimizer = inner
         self._params = [p for group in inner.param_groups for p in group["params"]]
         mesh = inner.device_mesh if mesh is None else mesh
         self._meshes = [_state_mesh(inner, param, mesh) for param in self._params]
+        self._rule, self._saved_replicas, self._rows = None, None, {}
+        if checkpoint_id is not None:  # loading: map another number of replicas by the optimizer's rule
+            saved = saved_replicas(checkpoint_id)
+            rule = inner.options.on_topology_change
+            rule = "mean" if strict is False and rule == "refuse" else rule
+            if saved not in (None, inner.world_size) and not strict and rule != "refuse":
+                self._rule, self._saved_replicas = rule, saved
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state: DTensors over the (replicate, shard) mesh, views of DistLion's buffers."""
+        """The optimizer's state: DTensors over the (replicate, shard) mesh, views of DistLion's buffers (or, to
+        load a checkpoint of another number of replicas, buffers for every saved replica's rows of this shard)."""
         opt = self.optimizer
         opt._ensure_layout()  # state views of the current layout (a pending load is applied)
         state = {}
         for index, (param, (mesh, placements)) in enumerate(zip(self._params, self._meshes)):
             if param in opt.state:
-                state[str(index)] = {key: _stacked(value, param, mesh, placements)
+                state[str(index)] = {key: self._saved_rows(index, key, value, param, mesh, placements)
+                                     if self._rule else _stacked(value, param, mesh, placements)
                                      for key, value in opt.state[param].items()}
-        meta = {"format": FORMAT, "replicas": opt.world_size, "vote": VOTES.index(opt.vote), "step": opt._step,
-                "parameters": len(self._params)}
+        meta = {"format": FORMAT, "replicas": self._saved_replicas or opt.world_size, "vote": VOTES.index(opt.vote),
+                "step": opt._step, "parameters": len(self._params)}
         return {
             "state_by_replica": state,  # a size mismatch of dim 0 names the number of replicas
             "meta": torch.tensor([meta[field] for field in META_FIELDS], dtype=torch.int64),
@@ -470,8 +320,40 @@ class ShardedState:
                           vote_ema_beta=None if math.isnan(beta) else beta)
             check_saved_group(index, values, group)
             group.update(values)
+        if self._rule:
+            self._apply_rule()
         opt._step = int(saved["step"])
         opt.comm_stats.load(dict(zip(CommStats.COUNTERS, state_dict["comm_stats"].tolist())))
+
+    def _saved_rows(self, index: int, key: str, value: torch.Tensor, param: torch.Tensor, mesh: Any,
+                    placements: list) -> torch.Tensor:
+        """A DTensor of the saved replicas' rows of this rank's shard, replicated over the replicate dim."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        rows = self._rows.get((index, key))  # allocated once: load_state_dict reads what dcp.load wrote
+        if rows is None:
+            rows = torch.zeros((self._saved_replicas, *value.shape), dtype=value.dtype, device=value.device)
+            self._rows[(index, key)] = rows
+        shape = (self._saved_replicas, *param.shape)
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(rows, mesh, [Replicate(), placements[1]], run_check=False, shape=shape,
+                                  stride=stride)
+
+    def _apply_rule(self) -> None:
+        """Each replica's momentum from the saved replicas' rows, by the rule; the rest from the first source."""
+        from distlion.checkpoint.elastic import MOMENTUM, sources
+
+        opt = self.optimizer
+        replica = opt.rank
+        chosen = sources(self._rule, replica, self._saved_replicas, opt.world_size)
+        for (index, key), rows in self._rows.items():
+            target = opt.state[self._params[index]][key]
+            picked = rows[chosen].float().mean(0) if key == MOMENTUM else rows[chosen[0]]
+            target.copy_(picked.to(target.dtype))
+        if replica == 0 and dist.get_rank() == 0:
+            logger.warning("DistLion: resumed DCP state of %d replica(s) on %d: each replica's momentum by the %r "
+                           "rule; masters and vote EMA copied, as they are the same on every replica",
+                           self._saved_replicas, opt.world_size, self._rule)
 
 
 def save_sharded(optimizer: DistLion, directory: str, mesh: Any = None) -> None:
@@ -482,13 +364,26 @@ def save_sharded(optimizer: DistLion, directory: str, mesh: Any = None) -> None:
 
 
 def load_sharded(optimizer: DistLion, directory: str, mesh: Any = None, *, missing: str) -> None:
-    """Read ``optimizer``'s ``ShardedState`` from ``directory`` with DCP; ``missing``: what to do when there is
-    none."""
+    """Read ``optimizer``'s ``ShardedState`` from ``directory`` with DCP (another number of replicas mapped by
+    ``on_topology_change``); ``missing``: what to do when there is none."""
     import torch.distributed.checkpoint as dcp
 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} does not exist: {missing}")
-    dcp.load({"optimizer": ShardedState(optimizer, mesh)}, checkpoint_id=directory)
+    dcp.load({"optimizer": ShardedState(optimizer, mesh, checkpoint_id=directory)}, checkpoint_id=directory)
+
+
+def saved_replicas(checkpoint_id: Any) -> int | None:
+    """The number of replicas whose DistLion state a DCP checkpoint holds (None when it holds none)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(checkpoint_id).read_metadata()
+    sizes = {meta.size[0] for key, meta in metadata.state_dict_metadata.items()
+             if ".state_by_replica." in key and hasattr(meta, "size")}
+    if len(sizes) > 1:
+        raise ValueError(f"{checkpoint_id} holds DistLion state of {sorted(sizes)} replicas (several optimizers?): "
+                         f"load each with sharded_state(opt) on its own topology")
+    return sizes.pop() if sizes else None
 
 
 def _group_values(group: dict) -> list[float]:

@@ -7,9 +7,11 @@ FSDP2 rank's momentum covers its local shards, but it also differs between repli
 placements ``(Shard(0), Shard(d + 1))`` where FSDP shards dim ``d``: replica m's
 momentum is row m. Every rank saves and loads its own part exactly, and a resume with
 another number of ranks per node ("shard" size) re-splits the rows by DCP's own
-resharding. A resume with another number of replicas ``M`` fails in DCP's planning, on
-every rank, with a size mismatch of ``(M, *S)`` under ``state_by_replica``: each replica's
-momentum is its own.
+resharding. A resume with another number of replicas maps the saved replicas' momenta by
+``DistLion(on_topology_change=...)`` (``distlion.checkpoint.elastic``) when the state is
+built with the checkpoint to load (``sharded_state(opt, checkpoint_id=path)``): every rank
+then reads every saved replica's rows of its shard. Without it (or with ``strict=True``) it
+fails in DCP's planning, on every rank, with a size mismatch under ``state_by_replica``.
 
 Everything is a tensor (no pickled objects): the step, the vote, the number of
 parameters and of replicas, each param group's hyperparameters and the byte counters
@@ -20,7 +22,8 @@ and names what differs::
     from distlion.dcp import sharded_state
 
     dcp.save({"model": model.state_dict(), "optimizer": sharded_state(opt)}, checkpoint_id=path)
-    dcp.load({"model": model.state_dict(), "optimizer": sharded_state(opt)}, checkpoint_id=path)
+    dcp.load({"model": model.state_dict(), "optimizer": sharded_state(opt, checkpoint_id=path)},
+             checkpoint_id=path)
 
 The mesh is DistLion's ``device_mesh`` (dims ``("replicate", "shard")``, or Accelerate's
 ``("dp_replicate", "dp_shard")``); a DistLion built with ``process_group=`` takes the mesh
@@ -34,15 +37,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from distlion.integrations.common import FORMAT, GROUP_FIELDS, META_FIELDS, ShardedState
+from distlion.integrations.common import FORMAT, GROUP_FIELDS, META_FIELDS, ShardedState, saved_replicas
 
-__all__ = ["FORMAT", "GROUP_FIELDS", "META_FIELDS", "ShardedState", "sharded_state"]
+__all__ = ["FORMAT", "GROUP_FIELDS", "META_FIELDS", "ShardedState", "saved_replicas", "sharded_state"]
 
 
-def sharded_state(optimizer: Any, mesh: Any = None) -> ShardedState:
+def sharded_state(optimizer: Any, mesh: Any = None, checkpoint_id: Any = None,
+                  strict: bool | None = None) -> ShardedState:
     """Return ``optimizer``'s state as DCP's ``Stateful``: pass it to ``dcp.save`` and ``dcp.load``.
 
     ``mesh``: the (replicate, shard) mesh to stack the replicas' state over; default the
-    optimizer's ``device_mesh``.
+    optimizer's ``device_mesh``. ``checkpoint_id``: to load, the checkpoint ``dcp.load``
+    reads, so that a checkpoint of another number of replicas is mapped by the optimizer's
+    ``on_topology_change`` rule (``strict=True`` refuses it instead).
     """
-    return ShardedState(optimizer, mesh)
+    return ShardedState(optimizer, mesh, checkpoint_id, strict)

@@ -49,9 +49,10 @@ from typing import Any, Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from distlion.checkpoint.files import remove_files
 from distlion.integrations.common import (LOGGED_STATS, UnsupportedSetupError, check_built_distributed,
                                           comm_metrics, fail_together, keep_gradients_local, load_state, needs,
-                                          owned_parameters, save_state, shortest_timeout, state_file_path,
+                                          owned_parameters, save_state, shortest_timeout,
                                           step_with_agreed_skip, unwrap)
 from distlion.optim import DistLion
 
@@ -206,10 +207,8 @@ class DistLionStrategy(DDPStrategy):
         """Remove this rank's DistLion files with the checkpoint (``ModelCheckpoint(save_top_k=...)``)."""
         super().remove_checkpoint(filepath)
         directory = state_directory(filepath)
-        for number, optimizer in enumerate(_distlions(self.optimizers)):
-            path = state_file_path(directory, optimizer, number)
-            if os.path.isfile(path):
-                os.remove(path)
+        for number, _ in enumerate(_distlions(self.optimizers)):
+            remove_files(directory, number)
         try:
             os.rmdir(directory)  # the last rank to get here removes it
         except OSError:

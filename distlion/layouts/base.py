@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distlion.buckets import Bucket, BucketLayout, slot_views
+from distlion.buckets import Bucket, BucketLayout, chunk_ranges, slot_views
 from distlion.comm import CommStats, NodeCollectives, NodeShards, make_node
 from distlion.comm.flat import wait_for
 from distlion.kernels import kernels_for
@@ -308,17 +308,7 @@ class Layout:
             return [None] * len(bucket.slots)
         if self.topology.ranks_per_node == 1:
             return slot_views(chunk, bucket)
-        return [chunk[lo:hi] for lo, hi, _ in self._chunk_ranges(bucket, chunk.numel())]
-
-    def _chunk_ranges(self, bucket: Bucket, chunk_numel: int) -> list[tuple[int, int, int]]:
-        """Per parameter of ``bucket``: (start, end) of its part in this rank's chunk, and where that part
-        starts in the parameter (an empty part for a parameter outside the chunk)."""
-        lo = self.topology.local_rank * chunk_numel
-        ranges = []
-        for slot in bucket.slots:
-            start, end = max(slot.offset, lo), min(slot.offset + slot.numel, lo + chunk_numel)
-            ranges.append((start - lo, max(start, end) - lo, start - slot.offset))
-        return ranges
+        return [chunk[lo:hi] for lo, hi, _ in chunk_ranges(bucket, chunk.numel(), self.topology.local_rank)]
 
     def _master_pairs(self, state: BucketState) -> list[tuple]:
         """(what counts the parameter's in-place changes, its master weights, the part of the parameter they
@@ -330,8 +320,8 @@ class Layout:
         if self.topology.ranks_per_node == 1:
             return [(tracked, master, tracked.data) for tracked, master in zip(versioned, masters)]
         return [(tracked, master, tracked.data.view(-1)[first:first + master.numel()])
-                for tracked, master, (_, _, first) in zip(versioned, masters,
-                                                          self._chunk_ranges(state.bucket, state.master.numel()))]
+                for tracked, master, (_, _, first) in zip(
+                    versioned, masters, chunk_ranges(state.bucket, state.master.numel(), self.topology.local_rank))]
 
     # ------------------------------------------------------------ packing and applying a chunk
 
