@@ -279,6 +279,18 @@ class Fsdp2Dcp:
         record = recorder.run({"momentum": momentum(optimizer, params)}, sum(p.numel() for p in params))
         return record, checkpoint, model, optimizer
 
+    def one_replica_checkpoint(self, folder: str) -> str:
+        """A DCP save of a run of 1 replica of 2 shards (another topology)."""
+        import torch.distributed.checkpoint as dcp
+
+        from distlion.dcp import sharded_state
+
+        _, _, model, optimizer = self._run(os.path.join(folder, "run"), None, replicas=1, steps=SAVE_AT,
+                                           save_at_k=False)
+        path = os.path.join(folder, "ckpt")
+        dcp.save({"model": model.state_dict(), "optimizer": sharded_state(optimizer)}, checkpoint_id=path)
+        return path
+
     def bad_checkpoints(self, good: Checkpoint, folder: str) -> dict[str, str]:
         """DCP's files truncated; a checkpoint of the model alone; one whose save did not finish (no metadata)."""
         import torch.distributed.checkpoint as dcp
@@ -500,8 +512,30 @@ def conformance(name: str, out: str) -> dict:
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
             refusals[case] = describe(error)
+    elastic, _ = integration.train(os.path.join(out, "from_other_topology"),
+                                   other_topology(integration, good, os.path.join(out, "other_topology")))
     resumed, _ = integration.train(os.path.join(out, "resumed"), good.resume_path)
-    return {"integration": name, "full": full, "resumed": resumed, "refusals": refusals}
+    return {"integration": name, "full": full, "resumed": resumed, "refusals": refusals, "elastic": elastic}
+
+
+def other_topology(integration: Any, good: Checkpoint, folder: str) -> str:
+    """A copy of ``good`` whose DistLion state is of another topology; return what to resume from: the per-rank
+    files re-split for 3 ranks by the offline tool, or (FSDP2) a DCP save of 1 replica of 2 shards."""
+    if isinstance(integration, Fsdp2Dcp):
+        return integration.one_replica_checkpoint(folder)
+    from distlion.checkpoint.__main__ import reshard
+
+    copy = good.moved(folder)
+    if dist.get_rank() == 0:
+        shutil.copytree(good.root, copy.root)
+        states = os.path.join(copy.root, copy.states)
+        resharded = os.path.join(folder + "_states")
+        reshard(states, resharded, 3, 1, "mean", 0)
+        _plain(states)
+        for name in os.listdir(resharded):
+            shutil.move(os.path.join(resharded, name), os.path.join(states, name))
+    dist.barrier()
+    return copy.resume_path
 
 
 if __name__ == "__main__":

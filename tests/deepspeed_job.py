@@ -295,8 +295,22 @@ def resume_all(rank: int, world_size: int, checkpoint_root: str) -> dict:
     return results
 
 
+def _tag_directory(save_dir: str) -> str:
+    with open(os.path.join(save_dir, "latest")) as handle:
+        return os.path.join(save_dir, handle.read().strip())
+
+
+def _momentum(optimizer) -> torch.Tensor:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return torch.cat([optimizer.state[p]["exp_avg"].flatten() for p in params]).clone()
+
+
 def load_elsewhere(rank: int, world_size: int, checkpoint_root: str) -> dict:
-    """Load 2-rank checkpoints with this world size: the error, then the weights alone."""
+    """Load 2-rank checkpoints with this world size: fp32's maps the momenta (the engine's load, DistLion alone
+    from DeepSpeed's files, and the engine from DistLion alone's); bf16's wrapper state is refused, and its
+    weights alone load."""
+    import distlion
+
     _prepare(rank, world_size)
     out = {}
     for precision in ("fp32", "bf16"):
@@ -304,11 +318,20 @@ def load_elsewhere(rank: int, world_size: int, checkpoint_root: str) -> dict:
         directory = os.path.join(checkpoint_root, precision)
         try:
             engine.load_checkpoint(directory)
-            out[precision] = {"error": None}
+            out[precision] = {"error": None, "loaded_momentum": flat_state(engine)["momentum"]}
         except ValueError as error:
             out[precision] = {"error": str(error)}
+        engine, _ = new_engine(precision)
         load_path, _ = engine.load_checkpoint(directory, load_optimizer_states=False)
         out[precision].update(load_path=load_path, params=flat_params(engine.module), state=flat_state(engine))
+    # DeepSpeed's fp32 checkpoint resumed without DeepSpeed, and DistLion alone's resumed in DeepSpeed.
+    alone = distlion_alone(build_model())
+    distlion.load(alone, _tag_directory(os.path.join(checkpoint_root, "fp32")))
+    out["alone_from_deepspeed"] = _momentum(alone)
+    distlion.save(alone, os.path.join(checkpoint_root, "alone"))
+    engine, _ = new_engine("fp32")
+    distlion.load(engine.optimizer, os.path.join(checkpoint_root, "alone"))
+    out["deepspeed_from_alone"] = flat_state(engine)["momentum"]
     # What plain DeepSpeed saves: the same checkpoint without the per-rank files.
     plain = os.path.join(checkpoint_root, "without_rank_files")
     shutil.copytree(os.path.join(checkpoint_root, "fp32"), plain,
@@ -409,13 +432,20 @@ def nodes_all(rank: int, world_size: int, checkpoint_root: str) -> dict:
         engine.load_checkpoint(save_dir)
         result["resumed"] = train_steps(engine, rank, range(K, 2 * K))
         results[name] = result
-    # One rank per node: the whole state on every rank; the 2-rank-node checkpoint must not load.
+    # One rank per node: the whole state on every rank; the 2-rank-node checkpoint loads by the mean rule,
+    # and loads alike into DistLion alone (the ZeRO-1 job resumed without DeepSpeed).
+    import distlion
+
     engine, _ = new_engine("fp32", ds_config("fp32", 1, ranks_per_node=1))
     results["flat"] = {"state_numel": state_numel(get_distlion(engine)), "load_error": None}
     try:
         engine.load_checkpoint(os.path.join(checkpoint_root, "zero1_fp32"))
+        results["flat"]["momentum"] = flat_state(engine)["momentum"]
     except ValueError as error:
         results["flat"]["load_error"] = str(error)
+    alone = distlion_alone(build_model(), ranks_per_node=1)
+    distlion.load(alone, _tag_directory(os.path.join(checkpoint_root, "zero1_fp32")))
+    results["flat"]["alone_momentum"] = _momentum(alone)
     results["plain_fp32"] = plain_distlion(rank, ranks_per_node=NODE_RANKS)
     try:
         new_engine("fp32", ds_config("fp32", 3))

@@ -155,6 +155,19 @@ def test_elastic_smoke(tmp_path):
     assert "exact" in result.stdout and "mean_deviation" in result.stdout
 
 
+@pytest.mark.scripts
+@pytest.mark.timeout(240)
+def test_checkpoint_cost_smoke(tmp_path):
+    result = run_benchmark("checkpoint_cost", tmp_path, timeout=230)
+    record = load(tmp_path, "checkpoint_cost")
+    save = record["save_n4"]
+    assert len(save["plain_s"]) == len(save["distlion_s"]) == len(save["unsynced_s"]) == record["rounds"] == 2
+    assert save["ratio"] == save["distlion_median_s"] / save["plain_median_s"] > 0
+    assert set(record["resume"]) == {"same_n4", "4_to_2", "same_n2", "2_to_4"}
+    assert record["resume"]["4_to_2"]["ratio_to_same_n2"] > 0 and record["resume"]["2_to_4"]["ratio_to_same_n4"] > 0
+    assert "ratio to the same-topology resume" in result.stdout
+
+
 def run_netlink_smoke(out, name: str, *args: str) -> dict | None:
     """Run netlink's smoke mode; check that it removed its namespaces, or skipped saying why and wrote
     nothing; return its record (None when it skipped)."""

@@ -126,6 +126,17 @@ def test_resume_is_bitwise(request, run):
             assert torch.equal(value, resumed["state"][name]), f"rank {rank}: resumed {name} differs"
 
 
+def test_a_checkpoint_of_another_topology_resumes(request, run):
+    """Saved by 3 ranks (the per-rank files re-split offline) or, under FSDP2, by 1 replica: every entry point
+    resumes on 2, at the saved step, and the replicas stay identical."""
+    expect_to_pass(request, run, "elastic_resume")
+    first, second = (record["elastic"]["steps"] for record in run)
+    assert [s["step"] for s in first] == list(range(job.SAVE_AT, job.STEPS))
+    for a, b in zip(first, second):
+        assert torch.equal(a["params"], b["params"]), f"step {a['step']}: the ranks' parameters differ"
+    assert not torch.equal(first[0]["params"], first[-1]["params"])  # it trained
+
+
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_a_damaged_or_foreign_checkpoint_is_refused_on_every_rank(request, run, case):
     expect_to_pass(request, run, case)

@@ -157,13 +157,13 @@ def _killed_while_saving(rank: int, world_size: int, directory: str, victim: int
     _train(model, optimizer, rank, 2, first=2)
     write = files.write_atomically
 
-    def write_then_die(path, data):
+    def write_then_die(path, contents):
         if rank == victim and (rank == 0) == path.endswith("manifest.json"):
             temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
             with open(temporary, "wb") as handle:
-                handle.write(data[:len(data) // 2])
+                handle.write(b"the first bytes of a file")
             os.kill(os.getpid(), signal.SIGKILL)
-        write(path, data)
+        return write(path, contents)
 
     files.write_atomically = write_then_die
     distlion.save(optimizer, directory)

@@ -19,13 +19,12 @@ import argparse
 import os
 import sys
 import time
-import zlib
 from functools import lru_cache
 
 from distlion.buckets import plan_from_json
 from distlion.checkpoint import elastic
 from distlion.checkpoint.files import (CheckpointError, FileEntry, Manifest, find_state_files, manifest_path,
-                                       read_verified, serialize, state_file_name, write_atomically)
+                                       read_verified, save_torch, state_file_name, write_atomically)
 from distlion.checkpoint.resume import load_file
 
 
@@ -68,11 +67,10 @@ def reshard(directory: str, out: str, world_size: int, ranks_per_node: int, rule
     for rank in range(world_size):
         state = elastic.reshard(read_rank, saved, rank, world_size, ranks_per_node, saved_plan, plan, rule)
         state["distlion"].update(run=manifest.run, save=save)
-        data = serialize(state)
         name = state_file_name(rank, world_size, index, save)
-        write_atomically(os.path.join(out, name), data)
-        entries.append(FileEntry(rank, name, len(data), zlib.crc32(data)))
-        print(f"  rank {rank} of {world_size}: {name} ({len(data):,} bytes)", file=sys.stderr)
+        size, crc32 = save_torch(os.path.join(out, name), state)
+        entries.append(FileEntry(rank, name, size, crc32))
+        print(f"  rank {rank} of {world_size}: {name} ({size:,} bytes)", file=sys.stderr)
     resharded = Manifest(run=manifest.run, save=save, step=manifest.step, world_size=world_size,
                          ranks_per_node=ranks_per_node, files=entries, layout=plan.signature(), vote=manifest.vote,
                          plan=manifest.plan)
@@ -114,10 +112,8 @@ def seal(directory: str, index: int) -> str:
     entries = []
     for state, meta in zip(states, metas):
         state["distlion"] = {**meta, "run": save, "save": save}
-        data = serialize(state)
         name = state_file_name(meta["rank"], world_size, index, save)
-        write_atomically(os.path.join(directory, name), data)
-        entries.append(FileEntry(meta["rank"], name, len(data), zlib.crc32(data)))
+        entries.append(FileEntry(meta["rank"], name, *save_torch(os.path.join(directory, name), state)))
     first = metas[0]
     manifest = Manifest(run=save, save=save, step=int(steps[0] or 0), world_size=world_size,
                         ranks_per_node=first.get("ranks_per_node", 1), files=entries, layout=first.get("layout"),

@@ -48,6 +48,10 @@ def whole_tensors(states: list[dict], plan: BucketLayout, ranks_per_node: int) -
     (in local-rank order): with one rank per node each tensor is the parameter's already, else each rank holds
     the part of it that falls in its chunk of the bucket."""
     whole: dict[int, dict[str, Tensor]] = {}
+    if ranks_per_node == 1:  # the parameters' own tensors (read-only: they may be mapped from the file)
+        (state,) = states
+        return {slot.param_index: {key: value.reshape(-1) for key, value in _entry(state["state"], slot.param_index).items()}
+                for bucket in plan.buckets for slot in bucket.slots}
     for bucket in plan.buckets:
         chunk = bucket.padded_numel // ranks_per_node
         for local_rank, state in enumerate(states):
@@ -83,46 +87,63 @@ def voter_mean(read_voter: Callable[[int], dict[int, dict[str, Tensor]]],
     first = read_voter(voters[0])
     if len(voters) == 1:
         return first
-    sums = {index: tensors[MOMENTUM].float() for index, tensors in first.items() if MOMENTUM in tensors}
+    sums = {index: tensors[MOMENTUM].to(torch.float32, copy=True) for index, tensors in first.items()
+            if MOMENTUM in tensors}
     for voter in voters[1:]:
         for index, tensors in read_voter(voter).items():
             if MOMENTUM in tensors:
                 sums[index] += tensors[MOMENTUM].float()
     for index, total in sums.items():
-        first[index][MOMENTUM] = (total / len(voters)).to(first[index][MOMENTUM].dtype)
+        first[index] = {**first[index], MOMENTUM: total.div_(len(voters)).to(first[index][MOMENTUM].dtype)}
     return first
+
+
+def check_saved_plan(saved_plan: BucketLayout, signature: str) -> None:
+    """Raise unless ``saved_plan`` (this model laid out for the saved topology) is the saved run's layout."""
+    if saved_plan.signature() != signature:
+        raise ValueError("The checkpoint's bucket layout does not match this model laid out for the saved "
+                         f"topology ({saved_plan.describe()}): the model, its param groups or bucket_cap_mb differ "
+                         "from the saved run's.")
+
+
+def voter_reader(read_rank: Callable[[int], dict], saved_plan: BucketLayout,
+                 saved_ranks_per_node: int) -> Callable[[int], dict[int, dict[str, Tensor]]]:
+    """Read saved voter v's whole tensors from its ranks' states."""
+    def read_voter(voter: int) -> dict[int, dict[str, Tensor]]:
+        ranks = range(voter * saved_ranks_per_node, (voter + 1) * saved_ranks_per_node)
+        return whole_tensors([read_rank(rank) for rank in ranks], saved_plan, saved_ranks_per_node)
+    return read_voter
+
+
+def state_for(first: dict, comm_stats: dict, whole: dict[int, dict[str, Tensor]], rank: int, world_size: int,
+              ranks_per_node: int, plan: BucketLayout) -> dict[str, Any]:
+    """Rank ``rank``'s state dict (of ``world_size`` ranks, ``ranks_per_node`` per node, laid out by ``plan``)
+    holding its voter's ``whole`` tensors; the param groups and step are saved rank 0's (``first``)."""
+    meta = dict(first["distlion"])
+    meta.update(rank=rank, world_size=world_size, ranks_per_node=ranks_per_node, layout=plan.signature(),
+                comm_stats=comm_stats)
+    meta.pop("shard_rank", None)
+    return {"state": split(whole, plan, ranks_per_node, rank % ranks_per_node),
+            "param_groups": first["param_groups"], "distlion": meta}
 
 
 def reshard(read_rank: Callable[[int], dict], saved: dict[str, int], rank: int, world_size: int,
             ranks_per_node: int, saved_plan: BucketLayout, plan: BucketLayout, rule: str) -> dict[str, Any]:
     """Rank ``rank``'s state dict (of ``world_size`` ranks, ``ranks_per_node`` per node, laid out by ``plan``),
-    built by ``rule`` from a checkpoint of another topology.
+    built by ``rule`` from a checkpoint of another topology, reading every saved voter it needs itself.
 
     Args:
         read_rank: the saved state dict of a saved rank (each read once at most).
         saved: the saved run's ``world_size`` and ``ranks_per_node``.
         saved_plan: the saved run's bucket plan, rebuilt for this model (its signature must be the saved one).
     """
-    if saved_plan.signature() != read_rank(0)["distlion"]["layout"]:
-        raise ValueError("The checkpoint's bucket layout does not match this model laid out for the saved "
-                         f"topology ({saved_plan.describe()}): the model, its param groups or bucket_cap_mb differ "
-                         "from the saved run's.")
-    saved_g = saved["ranks_per_node"]
-    saved_voters, voters = saved["world_size"] // saved_g, world_size // ranks_per_node
-
-    def read_voter(voter: int) -> dict[int, dict[str, Tensor]]:
-        return whole_tensors([read_rank(voter * saved_g + j) for j in range(saved_g)], saved_plan, saved_g)
-
-    node, local_rank = divmod(rank, ranks_per_node)
-    whole = voter_mean(read_voter, sources(rule, node, saved_voters, voters))
     first = read_rank(0)
-    meta = dict(first["distlion"])
-    own = read_rank(rank)["distlion"].get("comm_stats", {}) if rank < saved["world_size"] else {}
-    meta.update(rank=rank, world_size=world_size, ranks_per_node=ranks_per_node, layout=plan.signature(),
-                comm_stats=own)
-    meta.pop("shard_rank", None)
-    return {"state": split(whole, plan, ranks_per_node, local_rank), "param_groups": first["param_groups"],
-            "distlion": meta}
+    check_saved_plan(saved_plan, first["distlion"]["layout"])
+    saved_g = saved["ranks_per_node"]
+    chosen = sources(rule, rank // ranks_per_node, saved["world_size"] // saved_g, world_size // ranks_per_node)
+    whole = voter_mean(voter_reader(read_rank, saved_plan, saved_g), chosen)
+    comm_stats = read_rank(rank)["distlion"].get("comm_stats", {}) if rank < saved["world_size"] else {}
+    return state_for(first, comm_stats, whole, rank, world_size, ranks_per_node, plan)
 
 
 def _entry(state: dict, index: int) -> dict[str, Tensor]:

@@ -10,8 +10,9 @@ A save of optimizer ``index`` into ``directory`` leaves::
 overwrites the files the current manifest names: a crash at any point leaves the
 previous checkpoint in the directory whole, and its manifest still names it. The
 manifest names the run (the id of its first save, kept across resumes), its topology,
-the step and every rank's file with its size and CRC-32. Once the new manifest is in
-place, rank 0 removes the files of earlier saves.
+the step and every rank's file with its size and checksum (the CRC-32 of the file's
+record table: ``torch.save`` writes a zip whose records each carry their own CRC-32).
+Once the new manifest is in place, rank 0 removes the files of earlier saves.
 
 The ranks meet through the process group's store, not through collectives: a save called
 on some ranks only (inside ``if rank == 0``) then fails on those ranks within the
@@ -20,12 +21,12 @@ timeout, naming the fix, and cannot be mistaken for a training step's collective
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import secrets
 import weakref
+import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -157,13 +158,14 @@ def fsync_directory(directory: str) -> None:
         os.close(handle)
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory: flushed, synced, renamed."""
+def write_atomically(path: str, write: Any) -> None:
+    """Write ``path`` through a temporary file in the same directory: ``write(file)`` fills it (``write`` may be
+    the bytes themselves), then it is flushed, synced and renamed."""
     directory = os.path.dirname(path) or "."
     temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(temporary, "wb") as handle:
-            handle.write(data)
+            handle.write(write) if isinstance(write, (bytes, bytearray)) else write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -174,10 +176,31 @@ def write_atomically(path: str, data: bytes) -> None:
     fsync_directory(directory)
 
 
-def serialize(state: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
+def save_torch(path: str, state: Any) -> tuple[int, int]:
+    """``torch.save(state)`` to ``path`` crash-safely (``write_atomically``); return its size and checksum.
+
+    ``torch.save`` writes a zip whose every record carries its CRC-32; the checksum is the
+    CRC-32 of that record table (``record_digest``), so the data is checksummed once, as it
+    is written, and ``read_verified`` checks every record against it.
+    """
+    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    saving = getattr(config, "save", None)
+    computed = getattr(saving, "compute_crc32", True)
+    if saving is not None:
+        saving.compute_crc32 = True  # a record without its CRC-32 could not be verified
+    try:
+        write_atomically(path, lambda handle: torch.save(state, handle))
+    finally:
+        if saving is not None:
+            saving.compute_crc32 = computed
+    with zipfile.ZipFile(path) as archive:
+        return os.path.getsize(path), record_digest(archive)
+
+
+def record_digest(archive: zipfile.ZipFile) -> int:
+    """The CRC-32 of a zip's record table: every record's name, size and CRC-32."""
+    table = ";".join(f"{info.filename}:{info.file_size}:{info.CRC}" for info in archive.infolist())
+    return zlib.crc32(table.encode())
 
 
 # ------------------------------------------------------------------ reading
@@ -185,21 +208,35 @@ def serialize(state: Any) -> bytes:
 
 def read_verified(directory: str, entry: FileEntry, manifest: Manifest, map_location: Any = "cpu") -> Any:
     """Read ``entry``'s file and return its contents, refusing (naming the file) a missing, truncated, altered or
-    foreign file: its size and CRC-32 must be the manifest's, its ``"distlion"`` section this save's and rank's."""
+    foreign file: its size and checksum must be the manifest's, every record's data its CRC-32, its ``"distlion"``
+    section this save's and rank's."""
     path = os.path.join(directory, entry.name)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
+    if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing, though {manifest_path(directory)} names it: the checkpoint "
-                              f"was copied in part. Load a complete copy.") from None
-    if len(data) != entry.bytes:
-        raise CheckpointError(f"{path} holds {len(data)} bytes, the manifest says {entry.bytes}: the file is "
+                              f"was copied in part. Load a complete copy.")
+    size = os.path.getsize(path)
+    if size != entry.bytes:
+        raise CheckpointError(f"{path} holds {size} bytes, the manifest says {entry.bytes}: the file is "
                               f"truncated or was rewritten. Load a complete copy or an earlier checkpoint.")
-    if zlib.crc32(data) != entry.crc32:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            digest, damaged = record_digest(archive), archive.testzip()  # testzip checks every record's CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CheckpointError(f"{path} is not a whole torch.save file ({error}): the file was altered. Load a "
+                              f"complete copy or an earlier checkpoint.") from None
+    if digest != entry.crc32:
         raise CheckpointError(f"{path} does not match its checksum in the manifest: the file was altered or "
                               f"swapped with another. Load a complete copy or an earlier checkpoint.")
-    state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    if damaged is not None:
+        raise CheckpointError(f"{path} does not match its checksum: its record {damaged} was altered. Load a "
+                              f"complete copy or an earlier checkpoint.")
+    # mapped, not read again: the tensors are paged in from the cache as they are used
+    state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    return _checked_meta(path, state, entry, manifest)
+
+
+def _checked_meta(path: str, state: Any, entry: FileEntry, manifest: Manifest) -> Any:
+    """``state``, once its ``"distlion"`` section is shown to be of this save and of ``entry``'s rank."""
     meta = state.get("distlion", {}) if isinstance(state, dict) else {}
     if meta.get("save") != manifest.save or meta.get("run") != manifest.run:
         raise CheckpointError(f"{path} belongs to save {meta.get('save')!r} of run {meta.get('run')!r}, but the "
@@ -291,11 +328,9 @@ def save_files(state: dict, directory: str, optimizer: Any, index: int, step: in
     try:
         os.makedirs(directory, exist_ok=True)
         state = {**state, "distlion": {**state["distlion"], "run": run, "save": save}}
-        data = serialize(state)
         path = os.path.join(directory, state_file_name(optimizer.rank, optimizer.world_size, index, save))
-        write_atomically(path, data)
-        report = {"rank": optimizer.rank, "name": os.path.basename(path), "bytes": len(data),
-                  "crc32": zlib.crc32(data)}
+        size, crc32 = save_torch(path, state)
+        report = {"rank": optimizer.rank, "name": os.path.basename(path), "bytes": size, "crc32": crc32}
     except Exception as error:  # reported to rank 0, so that no rank waits for this one's file
         report = {"rank": optimizer.rank, "error": f"rank {optimizer.rank} could not write {path or directory}: "
                                                   f"{type(error).__name__}: {error}"}

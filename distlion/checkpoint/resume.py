@@ -111,17 +111,7 @@ def load_state(directory: str, optimizer: Any, index: int = 0, *, fix: str, miss
                          f"them only through DCP: save with distlion.dcp (or Accelerate's FSDP2 save_state), or "
                          f"resume on world size {manifest.world_size} with ranks_per_node={manifest.ranks_per_node}.")
 
-    @lru_cache(maxsize=None)
-    def read_rank(rank: int) -> dict:
-        state = read_verified(directory, manifest.entry(rank), manifest)
-        if "state" not in state or "layout" not in state.get("distlion", {}):
-            raise ValueError(f"{os.path.join(directory, manifest.entry(rank).name)} holds a wrapper's optimizer "
-                             f"state (DeepSpeed's), which resumes on its own topology only: resume on world size "
-                             f"{manifest.world_size} with ranks_per_node={manifest.ranks_per_node}.")
-        return state
-
-    state = elastic.reshard(read_rank, saved, optimizer.rank, optimizer.world_size, optimizer.ranks_per_node,
-                            optimizer.plan_for(manifest.world_size), optimizer.layout.plan, rule)
+    state = _resharded(directory, manifest, optimizer, rule)
     if optimizer.rank == 0:
         logger.warning("DistLion: resumed %s (step %d), saved by %s, on %d voter(s) of %d rank(s) (world size %d): "
                        "each new voter's momentum by the %r rule; masters and vote EMA copied, as they are the same "
@@ -130,6 +120,24 @@ def load_state(directory: str, optimizer: Any, index: int = 0, *, fix: str, miss
                        optimizer.world_size, rule)
     optimizer.checkpoint_run = manifest.run
     return state
+
+
+def _resharded(directory: str, manifest: Manifest, optimizer: Any, rule: str) -> dict:
+    """This rank's state mapped by ``rule`` from a checkpoint of another topology: each saved voter its voter
+    needs is read and verified here (every saved voter, under "mean")."""
+    @lru_cache(maxsize=None)
+    def read_rank(rank: int) -> dict:
+        entry = manifest.entry(rank)
+        state = read_verified(directory, entry, manifest)
+        if "state" not in state or "layout" not in state.get("distlion", {}):
+            raise ValueError(f"{os.path.join(directory, entry.name)} holds a wrapper's optimizer state "
+                             f"(DeepSpeed's), which resumes on its own topology only: resume on world size "
+                             f"{manifest.world_size} with ranks_per_node={manifest.ranks_per_node}.")
+        return state
+
+    saved = {"world_size": manifest.world_size, "ranks_per_node": manifest.ranks_per_node}
+    return elastic.reshard(read_rank, saved, optimizer.rank, optimizer.world_size, optimizer.ranks_per_node,
+                           optimizer.plan_for(manifest.world_size), optimizer.layout.plan, rule)
 
 
 def read_manifest(directory: str, optimizer: Any, index: int, missing: str) -> Manifest:
