@@ -512,20 +512,24 @@ def conformance(name: str, out: str) -> dict:
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
             refusals[case] = describe(error)
-    elastic, _ = integration.train(os.path.join(out, "from_other_topology"),
-                                   other_topology(integration, good, os.path.join(out, "other_topology")))
+    other = other_topology(integration, good, os.path.join(out, "other_topology"))
+    elastic = None if other is None else integration.train(os.path.join(out, "from_other_topology"), other)[0]
     resumed, _ = integration.train(os.path.join(out, "resumed"), good.resume_path)
     return {"integration": name, "full": full, "resumed": resumed, "refusals": refusals, "elastic": elastic}
 
 
-def other_topology(integration: Any, good: Checkpoint, folder: str) -> str:
+def other_topology(integration: Any, good: Checkpoint, folder: str) -> str | None:
     """A copy of ``good`` whose DistLion state is of another topology; return what to resume from: the per-rank
-    files re-split for 3 ranks by the offline tool, or (FSDP2) a DCP save of 1 replica of 2 shards."""
+    files re-split for 3 ranks by the offline tool, or (FSDP2) a DCP save of 1 replica of 2 shards. None when the
+    files hold a wrapper's state, which the tool refuses to re-split."""
     if isinstance(integration, Fsdp2Dcp):
         return integration.one_replica_checkpoint(folder)
     from distlion.checkpoint.__main__ import reshard
+    from distlion.checkpoint.files import Manifest
 
     copy = good.moved(folder)
+    if Manifest.read(os.path.join(good.root, good.states)).plan is None:
+        return None
     if dist.get_rank() == 0:
         shutil.copytree(good.root, copy.root)
         states = os.path.join(copy.root, copy.states)

@@ -44,7 +44,10 @@ REFUSALS = {"truncated": "the file is truncated or was rewritten",
 DCP_REFUSALS = {"truncated": "your checkpoint file is corrupted",
                 "without_distlion": "Missing key in checkpoint state_dict: optimizer.",
                 "unfinished": ".metadata"}
-XFAIL: dict[tuple[str, str], str] = {}  # (integration, check) -> why it cannot pass
+XFAIL: dict[tuple[str, str], str] = {  # (integration, check) -> why it cannot pass
+    ("deepspeed", "elastic_resume"): "the shipped bf16 config: DeepSpeed's BF16 optimizer nests DistLion's state, which "
+                                     "resumes on its own topology only (an fp32 engine's maps: test_deepspeed.py)",
+}
 
 
 def launch_command(integration: str) -> list[str]:
@@ -130,6 +133,7 @@ def test_a_checkpoint_of_another_topology_resumes(request, run):
     """Saved by 3 ranks (the per-rank files re-split offline) or, under FSDP2, by 1 replica: every entry point
     resumes on 2, at the saved step, and the replicas stay identical."""
     expect_to_pass(request, run, "elastic_resume")
+    assert all(record["elastic"] is not None for record in run), "the state was not re-split"
     first, second = (record["elastic"]["steps"] for record in run)
     assert [s["step"] for s in first] == list(range(job.SAVE_AT, job.STEPS))
     for a, b in zip(first, second):

@@ -188,6 +188,16 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path
     assert any(".tmp" in name or ".s4-" in name for name in leftovers), leftovers  # the unfinished save
     assert Manifest.read(str(tmp_path)).step == 2
     assert run_ranks(_load_and_report, 2, str(tmp_path), timeout=60) == [{"step": 2, "same": True}] * 2
+    run_ranks(_save_again, 2, str(tmp_path), timeout=60)  # the next save clears what the killed one left
+    names = sorted(name for name in os.listdir(tmp_path) if not name.startswith("expected"))
+    save = Manifest.read(str(tmp_path)).save
+    assert names == ["distlion_optimizer0_manifest.json"] + [state_file_name(r, 2, 0, save) for r in (0, 1)]
+
+
+def _save_again(rank: int, world_size: int, directory: str) -> None:
+    optimizer = DistLion(_model().parameters(), lr=1e-2)
+    distlion.load(optimizer, directory)
+    distlion.save(optimizer, directory)
 
 
 def _mixed_steps(rank: int, world_size: int, directory: str) -> None:

@@ -50,7 +50,8 @@ def whole_tensors(states: list[dict], plan: BucketLayout, ranks_per_node: int) -
     whole: dict[int, dict[str, Tensor]] = {}
     if ranks_per_node == 1:  # the parameters' own tensors (read-only: they may be mapped from the file)
         (state,) = states
-        return {slot.param_index: {key: value.reshape(-1) for key, value in _entry(state["state"], slot.param_index).items()}
+        return {slot.param_index: {key: value.reshape(-1) for key, value in
+                                   _entry(state["state"], slot.param_index).items()}
                 for bucket in plan.buckets for slot in bucket.slots}
     for bucket in plan.buckets:
         chunk = bucket.padded_numel // ranks_per_node

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import time
 import weakref
 import zipfile
 import zlib
@@ -302,17 +303,21 @@ class SaveRendezvous:
         self._wait(keys, "the other ranks' files")
         return [json.loads(self.store.get(key)) for key in keys]
 
-    def finish(self, error: str | None) -> None:
-        """Rank 0 posts the outcome; every other rank waits for it and raises if the save failed."""
+    def finish(self, error: str | None, manifest: Manifest | None = None) -> Manifest | None:
+        """Rank 0 posts the outcome (an error, or the manifest it wrote); every other rank waits for it, raises
+        if the save failed, and returns the manifest."""
         if self.store is None:
-            return
+            return manifest
         if self.rank == 0:
-            self.store.set(f"{self.prefix}/done", error or "")
-            return
+            outcome = {"error": error, "manifest": asdict(manifest) if manifest else None}
+            self.store.set(f"{self.prefix}/done", json.dumps(outcome))
+            return manifest
         self._wait([f"{self.prefix}/done"], "rank 0 to write the manifest")
-        outcome = self.store.get(f"{self.prefix}/done").decode()
-        if outcome:
-            raise RuntimeError(f"DistLion checkpoint save failed: {outcome}")
+        outcome = json.loads(self.store.get(f"{self.prefix}/done"))
+        if outcome["error"]:
+            raise RuntimeError(f"DistLion checkpoint save failed: {outcome['error']}")
+        raw = outcome["manifest"]
+        return Manifest(files=[FileEntry(**entry) for entry in raw.pop("files")], **raw)
 
 
 def save_files(state: dict, directory: str, optimizer: Any, index: int, step: int, manifest_fields: dict) -> str:
@@ -321,6 +326,7 @@ def save_files(state: dict, directory: str, optimizer: Any, index: int, step: in
     Call on every rank. ``state["distlion"]`` must be a dict; this adds the run and save ids to it.
     ``manifest_fields``: the topology fields of ``Manifest`` (world_size, ranks_per_node, layout, vote, sharded).
     """
+    started = time.time()
     meeting = SaveRendezvous(optimizer, directory, index, getattr(optimizer, "timeout", None))
     save = meeting.save_id(step)
     run = getattr(optimizer, "checkpoint_run", None) or save
@@ -350,23 +356,49 @@ def save_files(state: dict, directory: str, optimizer: Any, index: int, step: in
         except Exception as error:
             meeting.finish(f"{type(error).__name__}: {error}")
             raise
-        meeting.finish(None)
-        remove_superseded(directory, index, manifest)
+        meeting.finish(None, manifest)
     else:
-        meeting.finish(None)
+        manifest = meeting.finish(None)
+        keep_manifest(directory, index, manifest)
+    remove_superseded(directory, index, manifest, optimizer.rank, started)
     optimizer.checkpoint_run = run
     return path
 
 
-def remove_superseded(directory: str, index: int, manifest: Manifest) -> None:
-    """Remove optimizer ``index``'s state files the manifest does not name (earlier saves', unfinished ones')."""
+def keep_manifest(directory: str, index: int, manifest: Manifest) -> None:
+    """Write rank 0's ``manifest`` here too unless this directory holds it already: a directory on a disk of
+    this node's own (not shared with rank 0) then names the save as well, and its ranks resume from it."""
+    try:
+        if Manifest.read(directory, index).save == manifest.save:
+            return
+    except (FileNotFoundError, CheckpointError):
+        pass
+    write_atomically(manifest_path(directory, index), manifest.to_json().encode())
+
+
+def remove_superseded(directory: str, index: int, manifest: Manifest, rank: int, started: float) -> None:
+    """Remove this rank's files of optimizer ``index`` that the manifest does not name (its earlier saves',
+    unfinished ones'), and on rank 0 those of runs of another world size. A rank never removes another rank's
+    file of this run, which may be of the next save already; temporary files go only when they are older than
+    this save (``started``, a ``time.time()``): a killed write's."""
     keep = {entry.name for entry in manifest.files}
     for found in find_state_files(directory):
-        if found.index == index and found.name not in keep:
+        mine = found.rank == rank if found.world_size == manifest.world_size else rank == 0
+        if found.index == index and mine and found.name not in keep:
             try:
                 os.remove(os.path.join(directory, found.name))
             except OSError:
                 pass
+    own = state_file_name(rank, manifest.world_size, index, "")[:-len(".pt")]
+    manifest_temporary = f".{MANIFEST_FILE.format(index=index)}.tmp"
+    for name in os.listdir(directory):  # what a write of this rank's that was killed left
+        left = (name.startswith(f".{own}.") and ".pt.tmp" in name) or \
+            (rank == 0 and name.startswith(manifest_temporary))
+        try:
+            if left and os.path.getmtime(os.path.join(directory, name)) < started:
+                os.remove(os.path.join(directory, name))
+        except OSError:
+            pass
 
 
 def remove_files(directory: str, index: int = 0) -> None:

@@ -62,12 +62,13 @@ def save_state(state: dict, directory: str, optimizer: Any, index: int = 0) -> s
     every rank returns only then. A wrapper's state (DeepSpeed's fp16/bf16 optimizers) nests
     DistLion's: the file then gets a ``"distlion"`` section of its own with this run's topology.
     """
-    if "distlion" not in state:
+    own = "distlion" in state  # DistLion's own state_dict(), not a wrapper's nesting it
+    if not own:
         state = {**state, "distlion": topology(optimizer)}
     layout = optimizer.layout
     fields = {"world_size": optimizer.world_size, "ranks_per_node": optimizer.ranks_per_node,
               "layout": layout.plan.signature(), "vote": optimizer.vote, "sharded": layout.shard_rank is not None,
-              "plan": plan_to_json(layout.plan)}
+              "plan": plan_to_json(layout.plan) if own else None}
     return save_files(state, directory, optimizer, index, optimizer.steps_taken, fields)
 
 
@@ -106,6 +107,10 @@ def load_state(directory: str, optimizer: Any, index: int = 0, *, fix: str, miss
                          f"(on_topology_change='refuse' or strict=True): {fix.format(**{**current, **saved})}. A "
                          f"resume that is not strict maps the saved voters' momenta to this run's (README, "
                          f"Checkpoints).")
+    if manifest.plan is None:
+        raise ValueError(f"{directory} holds a wrapper's optimizer state (DeepSpeed's bf16/fp16 optimizers nest "
+                         f"DistLion's), which resumes on its own topology only: resume on world size "
+                         f"{manifest.world_size} with ranks_per_node={manifest.ranks_per_node}.")
     if manifest.sharded or optimizer.layout.shard_rank is not None:
         raise ValueError(f"{directory} holds per-rank files of FSDP2 shards; a resume on another topology reshards "
                          f"them only through DCP: save with distlion.dcp (or Accelerate's FSDP2 save_state), or "
@@ -127,13 +132,7 @@ def _resharded(directory: str, manifest: Manifest, optimizer: Any, rule: str) ->
     needs is read and verified here (every saved voter, under "mean")."""
     @lru_cache(maxsize=None)
     def read_rank(rank: int) -> dict:
-        entry = manifest.entry(rank)
-        state = read_verified(directory, entry, manifest)
-        if "state" not in state or "layout" not in state.get("distlion", {}):
-            raise ValueError(f"{os.path.join(directory, entry.name)} holds a wrapper's optimizer state "
-                             f"(DeepSpeed's), which resumes on its own topology only: resume on world size "
-                             f"{manifest.world_size} with ranks_per_node={manifest.ranks_per_node}.")
-        return state
+        return read_verified(directory, manifest.entry(rank), manifest)
 
     saved = {"world_size": manifest.world_size, "ranks_per_node": manifest.ranks_per_node}
     return elastic.reshard(read_rank, saved, optimizer.rank, optimizer.world_size, optimizer.ranks_per_node,
