@@ -99,35 +99,6 @@ def voter_mean(read_voter: Callable[[int], dict[int, dict[str, Tensor]]],
     return first
 
 
-def check_saved_plan(saved_plan: BucketLayout, signature: str) -> None:
-    """Raise unless ``saved_plan`` (this model laid out for the saved topology) is the saved run's layout."""
-    if saved_plan.signature() != signature:
-        raise ValueError("The checkpoint's bucket layout does not match this model laid out for the saved "
-                         f"topology ({saved_plan.describe()}): the model, its param groups or bucket_cap_mb differ "
-                         "from the saved run's.")
-
-
-def voter_reader(read_rank: Callable[[int], dict], saved_plan: BucketLayout,
-                 saved_ranks_per_node: int) -> Callable[[int], dict[int, dict[str, Tensor]]]:
-    """Read saved voter v's whole tensors from its ranks' states."""
-    def read_voter(voter: int) -> dict[int, dict[str, Tensor]]:
-        ranks = range(voter * saved_ranks_per_node, (voter + 1) * saved_ranks_per_node)
-        return whole_tensors([read_rank(rank) for rank in ranks], saved_plan, saved_ranks_per_node)
-    return read_voter
-
-
-def state_for(first: dict, comm_stats: dict, whole: dict[int, dict[str, Tensor]], rank: int, world_size: int,
-              ranks_per_node: int, plan: BucketLayout) -> dict[str, Any]:
-    """Rank ``rank``'s state dict (of ``world_size`` ranks, ``ranks_per_node`` per node, laid out by ``plan``)
-    holding its voter's ``whole`` tensors; the param groups and step are saved rank 0's (``first``)."""
-    meta = dict(first["distlion"])
-    meta.update(rank=rank, world_size=world_size, ranks_per_node=ranks_per_node, layout=plan.signature(),
-                comm_stats=comm_stats)
-    meta.pop("shard_rank", None)
-    return {"state": split(whole, plan, ranks_per_node, rank % ranks_per_node),
-            "param_groups": first["param_groups"], "distlion": meta}
-
-
 def reshard(read_rank: Callable[[int], dict], saved: dict[str, int], rank: int, world_size: int,
             ranks_per_node: int, saved_plan: BucketLayout, plan: BucketLayout, rule: str) -> dict[str, Any]:
     """Rank ``rank``'s state dict (of ``world_size`` ranks, ``ranks_per_node`` per node, laid out by ``plan``),
@@ -139,12 +110,24 @@ def reshard(read_rank: Callable[[int], dict], saved: dict[str, int], rank: int, 
         saved_plan: the saved run's bucket plan, rebuilt for this model (its signature must be the saved one).
     """
     first = read_rank(0)
-    check_saved_plan(saved_plan, first["distlion"]["layout"])
+    if saved_plan.signature() != first["distlion"]["layout"]:
+        raise ValueError("The checkpoint's bucket layout does not match this model laid out for the saved "
+                         f"topology ({saved_plan.describe()}): the model, its param groups or bucket_cap_mb differ "
+                         "from the saved run's.")
     saved_g = saved["ranks_per_node"]
+
+    def read_voter(voter: int) -> dict[int, dict[str, Tensor]]:
+        ranks = range(voter * saved_g, (voter + 1) * saved_g)
+        return whole_tensors([read_rank(saved_rank) for saved_rank in ranks], saved_plan, saved_g)
+
     chosen = sources(rule, rank // ranks_per_node, saved["world_size"] // saved_g, world_size // ranks_per_node)
-    whole = voter_mean(voter_reader(read_rank, saved_plan, saved_g), chosen)
-    comm_stats = read_rank(rank)["distlion"].get("comm_stats", {}) if rank < saved["world_size"] else {}
-    return state_for(first, comm_stats, whole, rank, world_size, ranks_per_node, plan)
+    whole = voter_mean(read_voter, chosen)
+    meta = dict(first["distlion"])
+    meta.update(rank=rank, world_size=world_size, ranks_per_node=ranks_per_node, layout=plan.signature(),
+                comm_stats=read_rank(rank)["distlion"].get("comm_stats", {}) if rank < saved["world_size"] else {})
+    meta.pop("shard_rank", None)
+    return {"state": split(whole, plan, ranks_per_node, rank % ranks_per_node),
+            "param_groups": first["param_groups"], "distlion": meta}
 
 
 def _entry(state: dict, index: int) -> dict[str, Tensor]:
