@@ -4,7 +4,9 @@ For N = 2, 4, 8 local gloo ranks and a GPT of d parameters, runs a few training 
 with each of
 
 - DistLion, two-phase and all-gather exchange, majority and average vote: bytes from
-  ``optimizer.comm_stats`` (the payload of every collective it makes);
+  ``optimizer.comm_stats`` (the payload of every collective it makes); and the momentum
+  sync at every step, from which the defaults' row (``momentum_sync_every=32``: the vote
+  plus one sync's bytes over 32 steps) is computed;
 - DDP with fp32 and with bf16 gradients: bytes from a counting comm hook wrapped around
   DDP's own all-reduce hooks (2*(N-1)/N of each bucket, what a ring all-reduce sends);
 
@@ -29,20 +31,34 @@ CONFIGS = {  # name -> (kind, options)
     "distlion_all_gather_majority": ("distlion", {"exchange": "all_gather", "vote": "majority"}),
     "distlion_two_phase_average": ("distlion", {"exchange": "two_phase", "vote": "average"}),
     "distlion_all_gather_average": ("distlion", {"exchange": "all_gather", "vote": "average"}),
+    # the defaults' momentum sync, measured at every step; the K = 32 row amortizes it (main)
+    "distlion_sync_every_step": ("distlion", {"momentum_sync_every": 1}),
     "ddp_fp32": ("ddp", {"wire_dtype": "fp32"}),
     "ddp_bf16": ("ddp", {"wire_dtype": "bf16"}),
 }
 BASELINE = "ddp_fp32"
+SYNC_EVERY = 32  # DistLion's default momentum_sync_every
 
 
 def ideal_bytes(name: str, d: int, n: int) -> float:
     """Bytes per rank per step of an ideal implementation (no padding, no flags)."""
     planes = n.bit_length() if name.endswith("average") else 1  # ceil(log2(N+1)) count planes
+    if name.startswith("distlion_sync_every_step") or name.startswith("distlion_defaults"):
+        vote = ideal_bytes("distlion_two_phase_majority" if n > 2 else "distlion_all_gather_majority", d, n)
+        every = 1 if name.startswith("distlion_sync_every_step") else SYNC_EVERY
+        return vote + 2 * (n - 1) / n * d * 2 / every  # + a bf16 ring all-reduce of the momentum per sync
     if name.startswith("distlion_two_phase"):
         return (n - 1) / n * d / 8 * (1 + planes)
     if name.startswith("distlion_all_gather"):
         return (n - 1) * d / 8
     return 2 * (n - 1) / n * d * (4 if name == "ddp_fp32" else 2)
+
+
+def defaults_bytes(measured: dict[str, float], n: int) -> float:
+    """The defaults' bytes per step: the vote of the "auto" exchange, plus one momentum sync (measured as
+    the sync-every-step run's bytes beyond the vote's) amortized over ``SYNC_EVERY`` steps."""
+    vote = measured["distlion_two_phase_majority" if n > 2 else "distlion_all_gather_majority"]
+    return vote + (measured["distlion_sync_every_step"] - vote) / SYNC_EVERY
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -75,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for n in args.world_sizes:
         measured = harness.launch_local(__spec__.name, ["--size", args.size], n, timeout=600)
+        measured["bytes_per_step"][f"distlion_defaults_k{SYNC_EVERY}"] = defaults_bytes(measured["bytes_per_step"], n)
         for name, sent in measured["bytes_per_step"].items():
             rows.append({"world_size": n, "config": name, "bytes_per_step_per_rank": sent,
                          "ideal_bytes": ideal_bytes(name, d, n),

@@ -170,10 +170,11 @@ def _model(config: GPTConfig) -> GPT:
 
 def distlion_trainer(config: GPTConfig, *, vote: str = "majority", exchange: str = "auto",
                      vote_ema_beta: float | None = None, ranks_per_node: int | str = "auto", k: str = "sign",
-                     name: str = "distlion") -> Trainer:
+                     momentum_sync_every: int | None = None, name: str = "distlion") -> Trainer:
     model = _model(config)
     optimizer = DistLion(model.parameters(), lr=1e-4, weight_decay=0.1, vote=vote, exchange=exchange,
-                         vote_ema_beta=vote_ema_beta, ranks_per_node=ranks_per_node, k=k)
+                         vote_ema_beta=vote_ema_beta, ranks_per_node=ranks_per_node, k=k,
+                         momentum_sync_every=momentum_sync_every)
     return _distlion_steps(name, model, optimizer)
 
 

@@ -53,6 +53,7 @@ each; rank 0 prints a line per finished run::
     python -m benchmarks.suite                                   # 4 tasks x 6 optimizers x 3 lrs x 3 seeds
     python -m benchmarks.suite --tasks cnn tabular --seeds 0 --optimizers adamw distlion_majority
     python -m benchmarks.suite --smoke                           # tiny: 1 seed, 2 ranks, 1 lr, 10 steps
+    python -m benchmarks.suite --combine A.json B.json --tag both  # no training: one summary of both
 
 Writes ``benchmarks/results/suite-DATE.json`` (every run, the chosen lrs, the summary)
 and ``suite-DATE.png`` (per task: mean +- std per optimizer, and test metric against lr).
@@ -567,6 +568,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=harness.positive_int, default=None, help="default: each task's own")
     parser.add_argument("--lr_multiples", type=float, nargs="+", default=list(LR_GRID), metavar="M",
                         help="the lr grid: multiples of each family's centre lr (the same for every optimizer)")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                        help="train nothing: summarize the runs of these results files together (e.g. seeds 0-2 "
+                             "and 3-5 of the same world size; a later file's run of the same task, optimizer, "
+                             "lr and seed replaces an earlier one's)")
     parser.add_argument("--tag", default=None, help="results file suite-TAG-DATE.json, for a non-default run")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per launch (task, seed)")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the worker's
@@ -610,6 +615,27 @@ def earlier_runs(path: str, args: argparse.Namespace, runs: list[dict]) -> list[
     return kept
 
 
+def combined_runs(args: argparse.Namespace) -> list[dict]:
+    """The runs of ``args.combine``'s files for this run's tasks and optimizers (their seeds become
+    ``args.seeds``); the files must share the world size and lr grid."""
+    by_key: dict[tuple, dict] = {}
+    for path in args.combine:
+        with open(path) as f:
+            earlier = json.load(f)
+        settings = earlier["settings"]
+        if settings["world_size"] != args.world_size or settings["lr_grid_multiples"] != args.lr_multiples:
+            raise SystemExit(f"--combine {path}: world size {settings['world_size']} and lr grid "
+                             f"{settings['lr_grid_multiples']} differ from this run's {args.world_size} and "
+                             f"{args.lr_multiples}; pass --world_size (and --lr_multiples) to match")
+        for run in earlier["runs"]:
+            if run["task"] in args.tasks and run["optimizer"] in args.optimizers:
+                by_key[(run["task"], run["optimizer"], run["lr"], run["seed"])] = run
+    runs = list(by_key.values())
+    args.seeds = sorted({r["seed"] for r in runs})
+    print(f"combining {len(runs)} runs of {len(args.combine)} files, seeds {args.seeds}", flush=True)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.worker:
@@ -619,6 +645,8 @@ def main(argv: list[str] | None = None) -> dict:
         [([t], s) for t in args.tasks for s in args.seeds]
     runs: list[dict] = []
     start = time.perf_counter()
+    if args.combine:
+        launches, runs = [], combined_runs(args)
     for tasks, seed in launches:
         print(f"{'+'.join(tasks)} seed {seed}: {args.world_size} ranks ...", flush=True)
         runs += launch(args, tasks, seed)
@@ -641,6 +669,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "bytes_vs_majority": TARGET_BYTES_VS_MAJORITY},
         "optimizers": {o: vars(OPTIMIZERS[o]) for o in dict.fromkeys(r["optimizer"] for r in runs)},
         "with_runs": args.with_runs and os.path.basename(args.with_runs),
+        "combined": args.combine and [os.path.basename(path) for path in args.combine],
         "tasks": {t.name: {"metric": t.metric, "higher_is_better": t.higher_is_better,
                            "steps": args.steps or t.steps, "batch_size_per_rank": 2 if args.smoke else t.batch_size,
                            "adamw_lr": t.adamw_lr, "adamw_weight_decay": t.weight_decay,

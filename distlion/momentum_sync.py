@@ -2,8 +2,9 @@
 
 Under the vote each voter's momentum follows its own gradients only, so the momenta
 drift apart and the voters' signs disagree more than global Lion's single momentum
-would. Every ``every`` applied steps (skipped steps do not count) each voter's momentum
-becomes the mean of all voters' momenta, as Lion Cub's selective momentum sync does:
+would. Every ``every`` applied steps (skipped steps do not count; default 32) each
+voter's momentum becomes the mean of all voters' momenta (Lion Cub, arXiv 2411.16462,
+also synchronises momenta, selectively):
 
     m_i <- bf16(sum_j bf16(m_j / M))      one ring all-reduce over the vote group, in bf16
 

@@ -50,6 +50,10 @@ def _parse_bool(text: str) -> bool:
     return text.lower() == "true"
 
 
+def _parse_every(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
 def _parse_ranks_per_node(text: str) -> int | str:
     return text if text == AUTO else int(text)
 
@@ -101,8 +105,10 @@ class DistLionOptions:
                                  parse=float)
     k_fraction: float = _option(0.1, "k='top': the fraction of each bucket's coordinates that move",
                                 parse=float)
-    momentum_sync_every: Any = _option(None, "K: average the voters' momenta (bf16) every K steps; None: never",
-                                       parse=int)
+    momentum_sync_every: Any = _option(32, "K: average the voters' momenta (bf16) every K steps; None: never "
+                                           "(the vote's bytes alone)", parse=_parse_every)
+    quorum: Any = _option(None, "voters that change from step to step: distlion.torchft's quorum of replica "
+                                "groups; None: the process group's ranks", json=False, agreed=False)
     on_topology_change: str = _option("mean", "a checkpoint of another topology: how M saved voters' momenta "
                                               "become M' ('mean', 'modulo', 'mean_deviation'); 'refuse': raise",
                                       agreed=True, parse=str, choices=TOPOLOGY_CHANGES)
@@ -135,6 +141,8 @@ class DistLionOptions:
         check_every(self.momentum_sync_every)
         _check_choice("on_topology_change", self.on_topology_change, TOPOLOGY_CHANGES,
                       "(how a resume on another number of voters maps their momenta; README, Checkpoints)")
+        if self.quorum is not None:
+            _check_quorum(self)
         if self.device_mesh is not None and (self.process_group is not None or self.node_group is not None):
             raise ValueError("pass device_mesh or process_group / node_group, not both: device_mesh's "
                              "'replicate' dim is the vote group")
@@ -163,6 +171,22 @@ class DistLionOptions:
             if "param_names" in group:  # given as model.named_parameters(): the order is checked by name
                 settings[f"param group {index} parameter names"] = tuple(group["param_names"])
         return settings
+
+
+def _check_quorum(options: DistLionOptions) -> None:
+    """Raise for a ``quorum`` (voters that change by step) with a setting that needs a fixed voter count."""
+    for name, value, works in (("vote", options.vote, "majority"), ("k", options.k, "sign")):
+        if value != works:
+            raise ValueError(f"{name}={value!r} with a quorum is not supported: the quorum's voter count changes "
+                             f"from step to step, and only {name}={works!r} does not depend on it. Use "
+                             f"{name}={works!r}.")
+    if options.device_mesh is not None:
+        raise ValueError("device_mesh with a quorum is not supported: pass the replica group's own process "
+                         "group (process_group=..., ranks_per_node=its size); the quorum is the vote group")
+    for method in ("exchange", "commit"):
+        if not callable(getattr(options.quorum, method, None)):
+            raise ValueError(f"Invalid quorum: {options.quorum!r} has no {method}(); build it with "
+                             f"distlion.torchft (e.g. distlion.torchft.FaultTolerantDistLion)")
 
 
 def _check_choice(name: str, value: Any, choices: tuple, hint: str = "") -> None:

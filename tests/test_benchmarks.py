@@ -37,7 +37,12 @@ def test_comm_volume_smoke(tmp_path):
     result = run_benchmark("comm_volume", tmp_path, timeout=170)
     rows = {r["config"]: r for r in load(tmp_path, "comm_volume")["rows"]}
     assert set(rows) == {"distlion_two_phase_majority", "distlion_all_gather_majority", "distlion_two_phase_average",
-                         "distlion_all_gather_average", "ddp_fp32", "ddp_bf16"}
+                         "distlion_all_gather_average", "distlion_sync_every_step", "distlion_defaults_k32",
+                         "ddp_fp32", "ddp_bf16"}
+    # the defaults: the vote plus a bf16 momentum all-reduce every 32 steps, within 1% of its ideal
+    defaults = rows["distlion_defaults_k32"]
+    assert defaults["ideal_bytes"] <= defaults["bytes_per_step_per_rank"] <= 1.01 * defaults["ideal_bytes"]
+    assert 20 < defaults["ratio_ddp_fp32_over_this"] < 22
     assert rows["ddp_fp32"]["bytes_per_step_per_rank"] == rows["ddp_fp32"]["ideal_bytes"]
     assert rows["ddp_bf16"]["ratio_ddp_fp32_over_this"] == 2.0
     for name in ("distlion_two_phase_majority", "distlion_all_gather_majority"):
@@ -45,6 +50,18 @@ def test_comm_volume_smoke(tmp_path):
         assert rows[name]["ideal_bytes"] <= rows[name]["bytes_per_step_per_rank"] <= 1.01 * rows[name]["ideal_bytes"]
         assert rows[name]["ratio_ddp_fp32_over_this"] > 30
     assert "DDP fp32 / this" in result.stdout
+
+
+@pytest.mark.scripts
+@pytest.mark.timeout(240)
+def test_fault_tolerance_smoke(tmp_path):
+    pytest.importorskip("torchft", reason="torchft is not installed: pip install 'distlion[torchft]'")
+    run_benchmark("fault_tolerance", tmp_path, timeout=230)
+    record = load(tmp_path, "fault_tolerance")
+    assert all(r["torchft_step_s"] > 0 and r["plain_step_s"] > 0 for r in record["overhead"]["rounds"])
+    failure = record["failure"]
+    assert failure["voters_after"] == [2, 2]  # the survivors went on without the killed group
+    assert all(lost >= 0 for lost in failure["steps_lost"]) and failure["restart_s"] > 0
 
 
 @pytest.mark.scripts
