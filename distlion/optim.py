@@ -193,8 +193,13 @@ class DistLion(torch.optim.Optimizer):
         self._signature = self.layout.plan.signature()
         buckets = self.layout.buckets
         device = buckets[0].device if buckets else torch.device("cpu")
-        self._exchange = make_exchange(self.exchange_name, self.topology.vote_group, self.layout.chunk_bytes(),
-                                       self.vote_rule.planes, device, self.comm_stats, self.timeout)
+        quorum = self.options.quorum
+        if quorum is not None:  # voters that change from step to step (distlion.torchft)
+            self._exchange = quorum.exchange(self.layout.chunk_bytes(), self.vote_rule.planes, device,
+                                             self.comm_stats)
+        else:
+            self._exchange = make_exchange(self.exchange_name, self.topology.vote_group, self.layout.chunk_bytes(),
+                                           self.vote_rule.planes, device, self.comm_stats, self.timeout)
 
     def _ensure_layout(self, checked: bool = False) -> None:
         """Re-lay out if the parameters were moved, replaced, frozen or unfrozen since the layout was built.
@@ -267,7 +272,7 @@ class DistLion(torch.optim.Optimizer):
             exchange.start(index, layout.states[index].bits, agreement.header(flags, voters_digest))
         # vote on every bucket; the headers arrive with the signs, so the skip is decided here
         # while the voted bits of the two-phase exchange are still on their way
-        vote = self.vote_rule.kernel(step)
+        vote = self.vote_rule.kernel(step, exchange.voters)
         if watching:
             vote = self._averaged_check.wrap(vote)
         rows = [exchange.vote(index, vote) for index in buckets]
@@ -275,7 +280,9 @@ class DistLion(torch.optim.Optimizer):
         status = dict(zip(agreement.SUMMARY, layout.agree(summary).tolist())) \
             if rows else dict.fromkeys(agreement.SUMMARY, 0)
         differs = status["differs"] or status["digest"] != -status["negated_digest"]  # voters, or a node's ranks
-        if differs or status["relayout"] or status["nonfinite"]:
+        # unless it re-lays out or raises below, the step ends here: a quorum (distlion.torchft) decides it now
+        committed = True if differs or status["relayout"] else self._commit()
+        if differs or status["relayout"] or status["nonfinite"] or not committed:
             for index in buckets:
                 exchange.finish(index)  # collect the votes in flight; nothing is applied
         if status["relayout"]:  # first: the settings may differ only because the param groups did
@@ -288,10 +295,13 @@ class DistLion(torch.optim.Optimizer):
                                       otherwise=f"DistLion: at step {step} the ranks differ in the step, lr, betas, "
                                                 f"weight_decay, vote_ema_beta or layout (seen in another group of "
                                                 f"ranks than this rank's): change them alike on every rank")
-        if watching:
-            self._averaged_check.end_step(gradients_nonzero)
         self.comm_stats.steps += 1
         self.comm_stats.allreduce_fp32_bytes += ring_allreduce_bytes(4 * layout.plan.numel, self.world_size)
+        if not committed:  # a voter failed during the step: nothing changes here, the quorum re-forms
+            self.comm_stats.uncommitted_steps += 1
+            return
+        if watching:
+            self._averaged_check.end_step(gradients_nonzero)
         # DeepSpeed's engine reads ``overflow`` to count skips and hold its LR scheduler.
         self.overflow = bool(status["nonfinite"])
         if self.overflow:
@@ -307,6 +317,10 @@ class DistLion(torch.optim.Optimizer):
         if self.options.momentum_dtype == torch.float16 and not self._warned_momentum:
             self._check_momentum_range(step)
         self._step = step
+
+    def _commit(self) -> bool:
+        """Whether this step may be applied: always, unless a ``quorum`` says a voter failed during it."""
+        return self.options.quorum is None or self.options.quorum.commit()
 
     def _layout_changed(self) -> bool:
         """True when this rank's parameters changed shape, dtype, order or requires_grad since the layout was

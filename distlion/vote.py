@@ -88,9 +88,12 @@ class VoteRule:
         return ternary.pack_ternary(grad, momentum, out, beta1=beta1, rule=self.k, threshold=self.k_threshold,
                                     fraction=self.k_fraction)
 
-    def kernel(self, step: int) -> Callable[[Tensor, Tensor], None]:
-        """Return the vote of ``step``: (packed bits [M, C], out planes [P, C]) -> None."""
-        casting_voter = step % self.voters  # rotates, so ties favour no voter
+    def kernel(self, step: int, voters: int | None = None) -> Callable[[Tensor, Tensor], None]:
+        """Return the vote of ``step``: (packed bits [M, C], out planes [P, C]) -> None.
+
+        ``voters``: the M of this step when it differs from the rule's (a quorum's, ``distlion.torchft``).
+        """
+        casting_voter = step % (voters or self.voters)  # rotates, so ties favour no voter
 
         def vote(packed: Tensor, out: Tensor) -> None:
             kernels = kernels_for(packed.device)

@@ -277,8 +277,9 @@ def test_config_params_are_checked():
             distlion_kwargs({key: "float33"})
     with pytest.raises(ValueError, match="ranks_per_node"):
         distlion_kwargs({"ranks_per_node": 0})
-    # The entry takes every DistLion argument a JSON file can hold (not the process groups or a device mesh).
-    arguments = set(inspect.signature(DistLion).parameters) - {"params", "process_group", "node_group", "device_mesh"}
+    # The entry takes every DistLion argument a JSON file can hold (not the process groups, a device mesh or a quorum).
+    arguments = set(inspect.signature(DistLion).parameters) - {"params", "process_group", "node_group", "device_mesh",
+                                                                "quorum"}
     assert set(CONFIG_PARAMS) == arguments
 
 

@@ -39,6 +39,7 @@ VoteFn = Callable[[Tensor, Tensor], None]  # (packed [N, C], out planes [P, C]) 
 
 class SignExchange(Protocol):
     stats: CommStats
+    voters: int  # the voters of the step under way (a quorum's may change between steps)
 
     def start(self, bucket: int, local_bits: Tensor, header: Tensor) -> None:
         """Launch the exchange of ``bucket`` with this rank's ``header`` (uint8 [FLAG_BYTES]); leave
@@ -63,6 +64,8 @@ def _transport_device(group, device: torch.device) -> torch.device:
 
 class LocalExchange:
     """World size 1: the vote of one rank, no collective, no bytes."""
+
+    voters = 1
 
     def __init__(self, bucket_bytes: list[int], planes: int, device: torch.device, stats: CommStats):
         self.stats = stats
@@ -95,6 +98,10 @@ class _Collective:
         self.stats = stats
         self._voted = [torch.empty(planes, n, dtype=torch.uint8, device=device) for n in bucket_bytes]
         self._pending: dict[int, Any] = {}  # bucket -> the work handle of the collective in flight
+
+    @property
+    def voters(self) -> int:
+        return self.world_size
 
     def _wait(self, bucket: int) -> None:
         wait_for(self._pending.pop(bucket), f"the sign exchange of bucket {bucket}", self.timeout)

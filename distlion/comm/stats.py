@@ -25,6 +25,8 @@ class CommStats:
     Attributes:
         steps: optimizer steps that exchanged signs (skipped steps included).
         skipped_steps: steps skipped because some rank had a non-finite gradient.
+        uncommitted_steps: steps a quorum (``distlion.torchft``) did not commit because a voter
+            failed during them; nothing was applied (counted in ``steps``).
         bytes_sent, bytes_received: payload bytes to and from other ranks, both classes.
         inter_node_bytes_sent, inter_node_bytes_received: the vote's payload.
         intra_node_bytes_sent, intra_node_bytes_received: the node's payload.
@@ -38,6 +40,7 @@ class CommStats:
 
     steps: int = 0
     skipped_steps: int = 0
+    uncommitted_steps: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     inter_node_bytes_sent: int = 0
@@ -50,9 +53,9 @@ class CommStats:
 
     # The figures a training log carries (distlion.integrations.common.comm_metrics).
     LOGGED = ("steps", "skipped_steps", "bytes_sent", "bytes_sent_per_step", "allreduce_fp32_bytes", "compression")
-    COUNTERS = ("steps", "skipped_steps", "bytes_sent", "bytes_received", "inter_node_bytes_sent",
-                "inter_node_bytes_received", "intra_node_bytes_sent", "intra_node_bytes_received",
-                "allreduce_fp32_bytes")
+    COUNTERS = ("steps", "skipped_steps", "uncommitted_steps", "bytes_sent", "bytes_received",
+                "inter_node_bytes_sent", "inter_node_bytes_received", "intra_node_bytes_sent",
+                "intra_node_bytes_received", "allreduce_fp32_bytes")
 
     def reset(self) -> None:
         """Zero every counter."""
