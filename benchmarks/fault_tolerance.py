@@ -32,13 +32,11 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -47,26 +45,6 @@ from benchmarks import harness
 
 CHECKPOINT_EVERY = (50, 100, 500)  # C: checkpoint-restart every C steps, for the comparison
 GROUPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def lighthouse():
-    port = free_port()
-    server = subprocess.Popen(["torchft_lighthouse", "--bind", f"[::]:{port}", "--min_replicas", "2",
-                               "--join_timeout_ms", "2000", "--quorum_tick_ms", "50", "--heartbeat_timeout_ms",
-                               "5000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "RUST_LOG": "warn"})
-    try:
-        yield f"http://localhost:{port}"
-    finally:
-        server.kill()
-        server.wait()
 
 
 # ------------------------------------------------------------------------------ workers
@@ -132,13 +110,13 @@ def plain_worker(args: argparse.Namespace) -> None:
 
 def run_groups(args: argparse.Namespace, size: str, steps: int, kill_at: int | None) -> list[list[dict]]:
     """Train ``GROUPS`` replica groups (group 2 SIGKILLed after ``kill_at``); every group's records."""
-    with tempfile.TemporaryDirectory() as tmp, lighthouse() as address:
+    with tempfile.TemporaryDirectory() as tmp, harness.torchft_lighthouse() as address:
         outs = [os.path.join(tmp, f"group{i}.json") for i in range(GROUPS)]
         launched = time.time()
         processes = [subprocess.Popen(
             [sys.executable, "-m", __spec__.name, "--worker", "--role", "group", "--replica", str(i), "--lighthouse",
-             address, "--store_port", str(free_port()), "--size", size, "--steps", str(steps), "--result", outs[i],
-             "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
+             address, "--store_port", str(harness.free_port()), "--size", size, "--steps", str(steps), "--result",
+             outs[i], "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
              *(["--die_after", str(kill_at)] if kill_at is not None and i == GROUPS - 1 else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
             cwd=harness.REPO) for i in range(GROUPS)]

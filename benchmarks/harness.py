@@ -35,13 +35,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -89,6 +91,34 @@ def launch_local(module: str, worker_args: list[str], world_size: int, timeout: 
         subprocess.run(command, check=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
         with open(result) as f:
             return json.load(f)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a server started next)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def torchft_lighthouse(min_replicas: int = 2, join_timeout_ms: int = 2000,
+                       heartbeat_timeout_ms: int = 5000) -> Iterator[str]:
+    """torchft's Lighthouse, the server people run (``torchft_lighthouse``), on a free port; yield its address.
+
+    A generous heartbeat timeout: a replica group whose heartbeats come late on a loaded
+    machine would be dropped from the quorum.
+    """
+    port = free_port()
+    server = subprocess.Popen(["torchft_lighthouse", "--bind", f"[::]:{port}", "--min_replicas", str(min_replicas),
+                               "--join_timeout_ms", str(join_timeout_ms), "--quorum_tick_ms", "50",
+                               "--heartbeat_timeout_ms", str(heartbeat_timeout_ms)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "RUST_LOG": "warn"})
+    try:
+        yield f"http://localhost:{port}"
+    finally:
+        server.kill()
+        server.wait()
 
 
 def write_results(name: str, payload: dict, out_dir: str | None, smoke: bool) -> str:

@@ -7,49 +7,25 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 
 torchft = pytest.importorskip("torchft", reason="torchft is not installed: pip install 'distlion[torchft]'")
 pytestmark = pytest.mark.multiprocess
+from benchmarks import harness  # noqa: E402
 
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchft_job.py")
 STEPS = 16
 LAUNCH_TIMEOUT_S = 150
-# generous: a replica whose heartbeats are late on a loaded machine would be dropped from the quorum
-HEARTBEAT_TIMEOUT_MS = 5000
 # what a survivor prints when its quorum request to torchft's Manager server times out
 TORCHFT_QUORUM_STALL = ("in _async_quorum", "Timeout expired")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def lighthouse(min_replicas: int = 2):
-    """torchft's Lighthouse, the standalone server people run, on a free port; stopped on exit."""
-    port = free_port()
-    server = subprocess.Popen(["torchft_lighthouse", "--bind", f"[::]:{port}", "--min_replicas", str(min_replicas),
-                               "--join_timeout_ms", "2000", "--quorum_tick_ms", "50", "--heartbeat_timeout_ms",
-                               str(HEARTBEAT_TIMEOUT_MS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "RUST_LOG": "warn"})
-    try:
-        yield f"http://localhost:{port}"
-    finally:
-        server.kill()
-        server.wait()
-
-
 def start(replica: int, address: str, out: str, *extra: str) -> subprocess.Popen:
     command = [sys.executable, JOB, "--replica", str(replica), "--lighthouse", address, "--store_port",
-               str(free_port()), "--steps", str(STEPS), "--out", out, *extra]
+               str(harness.free_port()), "--steps", str(STEPS), "--out", out, *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -76,7 +52,7 @@ def committed(path: str) -> dict[int, dict]:
 def test_a_killed_group_leaves_the_others_training_and_identical(tmp_path):
     kill_at = random.Random(0).randint(4, 9)
     outs = [str(tmp_path / f"replica{i}.json") for i in range(3)]
-    with lighthouse() as address:  # the momenta averaged over the quorum every 4 steps, and at its change
+    with harness.torchft_lighthouse() as address:  # momenta averaged over the quorum every 4 steps and at its change
         processes = [start(i, address, outs[i], "--momentum_sync_every", "4",
                            *(["--kill_at", str(kill_at)] if i == 2 else [])) for i in range(3)]
         results = [finish(p) for p in processes]
@@ -102,7 +78,7 @@ def test_a_killed_group_leaves_the_others_training_and_identical(tmp_path):
 def test_a_replacement_joins_with_a_live_peers_state_and_all_end_identical(tmp_path):
     kill_at = random.Random(1).randint(3, 6)
     outs = [str(tmp_path / f"replica{i}.json") for i in range(4)]
-    with lighthouse() as address:
+    with harness.torchft_lighthouse() as address:
         processes = [start(i, address, outs[i], "--end_with_voters", "3",
                            *(["--kill_at", str(kill_at)] if i == 2 else [])) for i in range(3)]
         assert finish(processes[2])[0] == -signal.SIGKILL
@@ -131,7 +107,7 @@ def test_a_replacement_joins_with_a_live_peers_state_and_all_end_identical(tmp_p
 def test_a_step_that_fails_mid_vote_is_applied_nowhere(tmp_path):
     fail_at = random.Random(2).randint(4, 9)
     outs = [str(tmp_path / f"replica{i}.json") for i in range(3)]
-    with lighthouse() as address:
+    with harness.torchft_lighthouse() as address:
         processes = [start(i, address, outs[i], *(["--kill_in_exchange_at", str(fail_at)] if i == 2 else []))
                      for i in range(3)]
         results = [finish(p) for p in processes]
@@ -150,7 +126,7 @@ def test_a_step_that_fails_mid_vote_is_applied_nowhere(tmp_path):
 
 def test_the_vote_stays_one_bit_per_voter(tmp_path):
     outs = [str(tmp_path / f"replica{i}.json") for i in range(3)]
-    with lighthouse(min_replicas=3) as address:
+    with harness.torchft_lighthouse(min_replicas=3) as address:
         results = [finish(p) for p in [start(i, address, outs[i]) for i in range(3)]]
     for code, output in results:
         assert code == 0, output[-3000:]

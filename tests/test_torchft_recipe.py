@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -12,19 +11,14 @@ import pytest
 
 pytest.importorskip("torchft", reason="torchft is not installed: pip install 'distlion[torchft]'")
 pytestmark = pytest.mark.scripts
+from benchmarks import harness  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_the_local_recipe_trains_three_groups_that_vote_together():
-    env = {**os.environ, "LIGHTHOUSE_PORT": str(free_port()), "MASTER_PORT_BASE": str(free_port()),
+    env = {**os.environ, "LIGHTHOUSE_PORT": str(harness.free_port()), "MASTER_PORT_BASE": str(harness.free_port()),
            "DISTLION_VENV": sys.prefix}  # this interpreter's virtualenv
     result = subprocess.run(["bash", "launch/torchft/local.sh", "--steps", "6", "--log_every", "5"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=TIMEOUT_S)

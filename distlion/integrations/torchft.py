@@ -55,11 +55,11 @@ from torch import Tensor, nn
 
 from distlion.comm.exchange import FLAG_BYTES
 from distlion.comm.stats import CommStats, ring_allreduce_bytes
+from distlion.momentum_sync import SYNC_DTYPE  # the momentum average's wire, as momentum_sync_every's
 from distlion.optim import DistLion
 
 logger = logging.getLogger(__name__)
 
-SYNC_DTYPE = torch.bfloat16  # the wire of the momentum average, as distlion.momentum_sync's
 STATE_KEY = "distlion"  # the key of the state transferred to a joining group (Manager.register_state_dict_fn)
 DEFAULT_TIMEOUT_S = 60.0  # a collective over the quorum waits this long unless DistLion(timeout=...) says
 
