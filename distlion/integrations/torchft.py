@@ -6,10 +6,10 @@ across the groups whenever the quorum changes, a group that joins or falls behin
 the live state from a peer, and ``should_commit`` tells every group whether a step may be
 applied. Here each replica group is one DistLion voter:
 
-- inside a group, everything is as without torchft: its G ranks are a node
-  (``ranks_per_node=G``: the gradient reduce-scatter, rank j owns chunk j), or one rank;
-- across groups, rank j of every group all-gathers its packed signs over the Manager's
-  process group (``QuorumExchange``) and votes over the voters of this step's quorum;
+- a replica group is one rank (a group of several ranks voting as one node is not
+  supported yet: its node reduce-scatter timed out under torchft in a trial run);
+- the groups all-gather their packed signs over the Manager's process group
+  (``QuorumExchange``) and vote over the voters of this step's quorum;
 - the step is applied only when the Manager commits it. A voter that dies mid-step makes
   the survivors' exchange fail: the error goes to the Manager, nobody commits, the
   parameters and momenta stay as they were, and the next quorum goes on without it;
@@ -195,9 +195,8 @@ class FaultTolerantDistLion(torch.optim.Optimizer):
         model: the replica's model; its ``state_dict`` and the optimizer's are what a joining
             group receives (registered with the Manager under ``"distlion"``).
         params: parameters or param groups (default: ``model.parameters()``).
-        lr, betas, weight_decay, **options: as for ``DistLion``. ``process_group`` defaults to
-            this replica group's ranks (torch.distributed's world, when initialised) and
-            ``ranks_per_node`` to their number: the group votes as one node. ``vote`` must be
+        lr, betas, weight_decay, **options: as for ``DistLion``. The replica group must be one
+            rank (torch.distributed uninitialised, or a world of one). ``vote`` must be
             "majority" and ``k`` "sign" (the voter count changes between steps).
 
     ``zero_grad()`` starts the step's quorum (torchft's ``OptimizerWrapper`` does the same)
@@ -217,7 +216,11 @@ class FaultTolerantDistLion(torch.optim.Optimizer):
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         group_size = dist.get_world_size(group) if group is not None else 1
-        options.setdefault("ranks_per_node", group_size)
+        if group_size > 1:
+            raise ValueError(f"FaultTolerantDistLion runs replica groups of one rank; this group has {group_size} "
+                             f"(torch.distributed's world or process_group). A group of several ranks voting as one "
+                             f"node is not supported yet: launch each replica group as one process (torchrun "
+                             f"--nproc_per_node 1), one group per GPU.")
         timeout = timedelta(seconds=options.get("timeout") or DEFAULT_TIMEOUT_S)
         self.manager = manager
         self.model = model

@@ -1,8 +1,8 @@
 """One replica group of a fault-tolerant DistLion run on torchft: a byte-level GPT on the stdlib corpus.
 
 Launched by ``launch/torchft/local.sh`` (one machine) or ``launch/torchft/slurm.sbatch``:
-each replica group is one torchrun launch of G ranks (G = 1: a rank is a voter; G > 1: the
-group votes as one node), and finds the others through torchft's Lighthouse::
+each replica group is one torchrun launch of one rank, a voter, and finds the others
+through torchft's Lighthouse::
 
     TORCHFT_LIGHTHOUSE=http://host:29510 REPLICA_GROUP_ID=0 NUM_REPLICA_GROUPS=3 \\
         torchrun --nproc_per_node 1 --master_port 29600 -m launch.torchft.train --steps 200
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     if cuda:
         torch.cuda.set_device(device)
     if group_size > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")  # this replica group's ranks (the node)
+        dist.init_process_group("nccl" if cuda else "gloo")  # refused below, with the fix: a group is one rank
     timeout = timedelta(seconds=args.timeout)
     across = ProcessGroupNCCL(timeout=timeout) if cuda else ProcessGroupGloo(timeout=timeout)
     manager = Manager(pg=across, min_replica_size=1, load_state_dict=None,
