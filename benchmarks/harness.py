@@ -109,7 +109,9 @@ def torchft_lighthouse(min_replicas: int = 2, join_timeout_ms: int = 2000,
     machine would be dropped from the quorum.
     """
     port = free_port()
-    server = subprocess.Popen(["torchft_lighthouse", "--bind", f"[::]:{port}", "--min_replicas", str(min_replicas),
+    beside = os.path.join(os.path.dirname(sys.executable), "torchft_lighthouse")  # this virtualenv's, unactivated
+    binary = beside if os.path.exists(beside) else "torchft_lighthouse"
+    server = subprocess.Popen([binary, "--bind", f"[::]:{port}", "--min_replicas", str(min_replicas),
                                "--join_timeout_ms", str(join_timeout_ms), "--quorum_tick_ms", "50",
                                "--heartbeat_timeout_ms", str(heartbeat_timeout_ms)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
